@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Creates the project's own environment in .venv (once) and installs trainer into it.
+# Idempotent: a finished environment is detected by its stamp file and left alone.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${TRAINER_VENV:-$root/.venv}"
+stamp="$venv/.trainer-installed"
+# Reinstall when the dependency list changes.
+want="$(sha256sum "$root/pyproject.toml" "$root/scripts/bootstrap.sh" | sha256sum | cut -c1-16)"
+
+if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+  exit 0
+fi
+echo "trainer: setting up $venv (first run only, about a minute)" >&2
+python3 -m venv "$venv"
+pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
+# The pin gives the CPU wheel on a CPU machine and the CUDA wheel on a GPU cluster.
+# torchvision is never installed: next to CPU torch it fails to import and breaks Lightning and Ray.
+"${pip[@]}" "torch==2.13.0"
+"${pip[@]}" -e "$root[dev]"
+if "$venv/bin/python" -c "import torchvision" 2>/dev/null; then
+  echo "trainer: torchvision got installed by a dependency; remove it (pip uninstall torchvision)" >&2
+  exit 1
+fi
+echo "$want" > "$stamp"

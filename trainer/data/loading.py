@@ -1,0 +1,75 @@
+"""A DataLoader whose place inside an epoch survives a checkpoint.
+
+Lightning saves the `state_dict()` of any train loader that has one and hands it back on resume, so a run
+stopped mid-epoch (preemption, a crash) continues with exactly the batches it had not seen yet. The
+shuffle order depends only on (seed, epoch), and the loader has its own generator, so data loading never
+draws from the global RNG that the model's own randomness uses.
+"""
+
+from collections.abc import Iterator, Sized
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class ShardedSampler(Sampler[int]):
+    """Seeded per-epoch permutation, split evenly across distributed ranks (every rank gets the same count)."""
+
+    def __init__(self, size: int, seed: int, shuffle: bool = True):
+        self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.epoch = 0
+        self.start = 0  # indices of this rank's shard to skip, set when resuming mid-epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size // _rank_and_world()[1]
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        else:
+            order = torch.arange(self.size)
+        rank, world = _rank_and_world()
+        shard = order[rank : len(self) * world : world]
+        start, self.start = self.start, 0
+        return iter(shard[start:].tolist())
+
+
+class ResumableLoader(DataLoader):
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, shuffle: bool = True, **kwargs: Any):
+        assert isinstance(dataset, Sized)
+        super().__init__(
+            dataset,
+            batch_size=batch_size,
+            sampler=ShardedSampler(len(dataset), seed, shuffle),
+            generator=torch.Generator().manual_seed(seed),
+            **kwargs,
+        )
+        self._batches_yielded = 0
+        self._resume_at = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        resume_at, self._resume_at = self._resume_at, 0
+        self.sampler.start = resume_at * self.batch_size
+        self._batches_yielded = resume_at
+        for batch in super().__iter__():
+            self._batches_yielded += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "batches_yielded": self._batches_yielded}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state["batches_yielded"] < len(self):  # a finished epoch needs no skipping
+            self.sampler.set_epoch(state["epoch"])
+            self._resume_at = state["batches_yielded"]

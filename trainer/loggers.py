@@ -1,0 +1,85 @@
+"""Loggers. W&B is the default: online with an API key, offline without (no account, no prompt, no hang).
+
+The W&B run id is kept in <run dir>/wandb_run.json, so a resumed or requeued run continues the same W&B
+run instead of starting a new one.
+"""
+
+import json
+import netrc
+import os
+import secrets
+import string
+from pathlib import Path
+from urllib.parse import urlparse
+
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+RUN_POINTER = "wandb_run.json"
+MODES = ("auto", "online", "offline", "disabled")
+
+
+def has_wandb_api_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def resolve_wandb_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"logger.wandb.mode={mode} is not one of {', '.join(MODES)}")
+    if mode != "auto":
+        return mode
+    return os.environ.get("WANDB_MODE") or ("online" if has_wandb_api_key() else "offline")
+
+
+def new_run_id() -> str:
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+
+
+def wandb_logger(
+    run_dir: str,
+    project: str,
+    name: str | None = None,
+    entity: str | None = None,
+    group: str | None = None,
+    tags: list[str] | None = None,
+    mode: str = "auto",
+    log_checkpoints: bool = True,
+) -> WandbLogger:
+    pointer = Path(run_dir) / RUN_POINTER
+    run_id = json.loads(pointer.read_text())["id"] if pointer.is_file() else new_run_id()
+    mode = resolve_wandb_mode(mode)
+    logger = WandbLogger(
+        project=project,
+        name=name,
+        entity=entity,
+        group=group,
+        tags=list(tags or []),
+        save_dir=run_dir,
+        id=run_id,
+        resume="allow",
+        mode=mode,
+        log_model=log_checkpoints,
+    )
+    _write_pointer(pointer, {"id": run_id, "project": project, "entity": entity, "mode": mode,
+                             "dir": str(Path(run_dir) / "wandb")})
+    return logger
+
+
+@rank_zero_only
+def _write_pointer(pointer: Path, data: dict) -> None:
+    pointer.parent.mkdir(parents=True, exist_ok=True)
+    pointer.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def finish_wandb() -> None:
+    """Close the active W&B run, so the next job of a multirun gets its own run."""
+    import sys
+
+    if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+        sys.modules["wandb"].finish()

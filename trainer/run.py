@@ -1,0 +1,83 @@
+"""The training job: build data, model, task, loggers and callbacks from the config, then fit.
+
+Every launcher ends up here, on every rank: `local` calls it directly, Ray calls it inside each worker,
+SLURM inside each task.
+"""
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from trainer.callbacks.metrics import MetricsFile
+from trainer.callbacks.rng import RNGState
+from trainer.checkpoint import SafeCheckpointIO, resume_checkpoint
+from trainer.config import build
+from trainer.loggers import finish_wandb
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fits the configured task; returns the content of <run dir>/metrics.json."""
+    run_dir = Path(cfg.run_dir)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    if cfg.perf.matmul_precision:
+        torch.set_float32_matmul_precision(cfg.perf.matmul_precision)
+
+    datamodule = build(cfg.data, "data")
+    parts = {name: build(node, f"model.{name}") for name, node in cfg.model.items() if _is_buildable(node)}
+    module = build(cfg.task, "task", **parts)
+    if cfg.perf.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    if cfg.perf.compile:
+        for part in parts.values():
+            part.compile()  # in place: parameter names, and so checkpoints, stay the same
+
+    ckpt_path = resume_checkpoint(run_dir, cfg.resume, cfg.ckpt_path, keep_old=rank_zero_only.rank == 0)
+    metrics_file = MetricsFile(run_dir / "metrics.json", modes=cfg.get("metric_modes"))
+    callbacks = [build(node, f"callbacks.{name}") for name, node in (cfg.callbacks or {}).items() if node]
+    loggers = [build(node, f"logger.{name}") for name, node in (cfg.logger or {}).items() if node]
+    expected_shapes = {k: v.shape for k, v in module.state_dict().items()}
+    pl_trainer = build(
+        cfg.trainer,
+        "trainer",
+        default_root_dir=str(run_dir),
+        callbacks=[*callbacks, metrics_file, RNGState(cfg.seed)],
+        logger=loggers or False,
+        plugins=[SafeCheckpointIO(expected_shapes)],
+    )
+    if pl_trainer.is_global_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    for logger in loggers:
+        logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "git": git_state()})
+    try:
+        pl_trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    finally:
+        finish_wandb()
+    if ckpt_path and pl_trainer.is_global_zero:
+        print(f"trainer: resumed from {ckpt_path}")
+    return metrics_file.metrics
+
+
+def _is_buildable(node: Any) -> bool:
+    return isinstance(node, DictConfig) and "_target_" in node
+
+
+def git_state() -> dict[str, Any]:
+    """The commit the code ran from, and whether the tree had uncommitted changes (None outside git)."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "--verify", "HEAD")
+    status = git("status", "--porcelain") if commit else None
+    return {"commit": commit, "dirty": None if status is None else bool(status)}

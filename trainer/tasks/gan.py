@@ -1,0 +1,101 @@
+"""DCGAN training (Radford et al., 2016): one discriminator step, then one generator step, per batch.
+
+Read `training_step` top to bottom; everything else is bookkeeping: optimizers, a fixed-noise sample grid
+every epoch, and a validation score (Fréchet distance between real and generated images in a small pixel
+space) that makes "best checkpoint" mean something.
+"""
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.images import log_image_grid
+
+
+class DCGAN(L.LightningModule):
+    def __init__(
+        self,
+        generator: nn.Module,
+        discriminator: nn.Module,
+        lr: float = 2e-4,
+        beta1: float = 0.5,
+        beta2: float = 0.999,
+        num_samples: int = 64,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["generator", "discriminator"])
+        self.automatic_optimization = False  # two optimizers, stepped in the GAN's own order
+        self.generator = generator
+        self.discriminator = discriminator
+        self.latent_dim: int = generator.latent_dim
+        # Fixed noise, part of the checkpoint, so sample grids are comparable across epochs and resumes.
+        noise = torch.randn(num_samples, self.latent_dim, generator=torch.Generator().manual_seed(0))
+        self.register_buffer("sample_noise", noise)
+        self._val_features: dict[str, list[torch.Tensor]] = {"real": [], "fake": []}
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        betas = (self.hparams.beta1, self.hparams.beta2)
+        opt_g = torch.optim.Adam(self.generator.parameters(), lr=self.hparams.lr, betas=betas)
+        opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=self.hparams.lr, betas=betas)
+        return [opt_g, opt_d]
+
+    def training_step(self, real: torch.Tensor, batch_idx: int) -> None:
+        opt_g, opt_d = self.optimizers()
+        z = torch.randn(real.shape[0], self.latent_dim, device=self.device)
+        fake = self.generator(z)
+
+        # 1. Discriminator: real images -> 1, generated images (detached, G is not trained here) -> 0.
+        d_real = self.discriminator(real)
+        d_fake = self.discriminator(fake.detach())
+        loss_d = F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real)) + (
+            F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake))
+        )
+        opt_d.zero_grad(set_to_none=True)
+        self.manual_backward(loss_d)
+        opt_d.step()
+
+        # 2. Generator, non-saturating loss: maximise log D(G(z)) rather than minimise log(1 - D(G(z))).
+        d_fake_for_g = self.discriminator(fake)
+        loss_g = F.binary_cross_entropy_with_logits(d_fake_for_g, torch.ones_like(d_fake_for_g))
+        opt_g.zero_grad(set_to_none=True)
+        self.manual_backward(loss_g)
+        opt_g.step()
+
+        self.log_dict({"train/loss_d": loss_d, "train/loss_g": loss_g}, prog_bar=True)
+        self.log_dict({"train/D_x": d_real.sigmoid().mean(), "train/D_G_z": d_fake.sigmoid().mean()})
+
+    # -- validation: Fréchet distance of 8x8 pixel features, with noise fixed per batch index ----------
+
+    def validation_step(self, real: torch.Tensor, batch_idx: int) -> None:
+        noise = torch.randn(real.shape[0], self.latent_dim, generator=torch.Generator().manual_seed(batch_idx))
+        fake = self.generator(noise.to(self.device))
+        self._val_features["real"].append(_pixel_features(real))
+        self._val_features["fake"].append(_pixel_features(fake))
+
+    def on_validation_epoch_end(self) -> None:
+        real, fake = (self.all_gather(torch.cat(self._val_features[k])).flatten(0, -2) for k in ("real", "fake"))
+        self._val_features = {"real": [], "fake": []}
+        self.log("val/pixel_fd", frechet_distance(real.double(), fake.double()).float(), sync_dist=False)
+
+    def on_train_epoch_end(self) -> None:
+        was_training = self.generator.training
+        self.generator.eval()
+        with torch.no_grad():
+            log_image_grid(self.trainer, "samples", self.generator(self.sample_noise))
+        self.generator.train(was_training)
+
+
+def _pixel_features(images: torch.Tensor) -> torch.Tensor:
+    return F.adaptive_avg_pool2d(images.float(), 8).flatten(1)
+
+
+def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """||mu_x - mu_y||^2 + Tr(Sx + Sy - 2 (Sx Sy)^1/2) between Gaussians fitted to two feature sets (rows)."""
+    mu_x, mu_y = x.mean(0), y.mean(0)
+    cov_x, cov_y = torch.cov(x.T), torch.cov(y.T)
+    # Tr((Sx Sy)^1/2) = sum of sqrt of the eigenvalues of Sx^1/2 Sy Sx^1/2, which is symmetric PSD.
+    vals, vecs = torch.linalg.eigh(cov_x)
+    sqrt_x = vecs @ torch.diag(vals.clamp(min=0).sqrt()) @ vecs.T
+    cross = torch.linalg.eigvalsh(sqrt_x @ cov_y @ sqrt_x).clamp(min=0).sqrt().sum()
+    return (mu_x - mu_y).square().sum() + cov_x.trace() + cov_y.trace() - 2 * cross
