@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from hydra.errors import InstantiationException
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -33,7 +34,7 @@ def build(node: DictConfig, where: str, **kwargs: Any) -> Any:
         cause = e.__cause__ or e
         if isinstance(cause, UserError):
             raise cause from None
-        if isinstance(cause, (ValueError, TypeError)):
+        if isinstance(cause, (ValueError, TypeError, MisconfigurationException)):
             raise UserError(f"{where}: {cause}") from None
         raise
 

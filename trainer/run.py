@@ -10,6 +10,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -17,6 +18,7 @@ from trainer.callbacks.metrics import MetricsFile
 from trainer.callbacks.rng import RNGState
 from trainer.checkpoint import SafeCheckpointIO, resume_checkpoint
 from trainer.config import build
+from trainer.errors import UserError
 from trainer.loggers import finish_wandb
 
 
@@ -37,9 +39,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             part.compile()  # in place: parameter names, and so checkpoints, stay the same
 
     ckpt_path = resume_checkpoint(run_dir, cfg.resume, cfg.ckpt_path, keep_old=rank_zero_only.rank == 0)
-    metrics_file = MetricsFile(run_dir / "metrics.json", modes=cfg.get("metric_modes"))
-    callbacks = [build(node, f"callbacks.{name}") for name, node in (cfg.callbacks or {}).items() if node]
-    loggers = [build(node, f"logger.{name}") for name, node in (cfg.logger or {}).items() if node]
+    callbacks = [build(node, f"callbacks.{name}") for name, node in (cfg.callbacks or {}).items() if _is_buildable(node)]
+    metrics_file = MetricsFile(run_dir / "metrics.json")
+    if cfg.monitor.metric:
+        metrics_file.modes[cfg.monitor.metric] = cfg.monitor.mode
+        callbacks.append(best_checkpoint(run_dir, cfg.monitor.metric, cfg.monitor.mode))
+    loggers = [build(node, f"logger.{name}") for name, node in (cfg.logger or {}).items() if _is_buildable(node)]
     expected_shapes = {k: v.shape for k, v in module.state_dict().items()}
     pl_trainer = build(
         cfg.trainer,
@@ -61,6 +66,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if ckpt_path and pl_trainer.is_global_zero:
         print(f"trainer: resumed from {ckpt_path}")
     return metrics_file.metrics
+
+
+def best_checkpoint(run_dir: Path, metric: str, mode: str) -> ModelCheckpoint:
+    if mode not in ("min", "max"):
+        raise UserError(f"monitor.mode={mode} is not an option: use min or max")
+    return ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename=f"best-epoch{{epoch:03d}}-step{{step:06d}}",
+        auto_insert_metric_name=False,
+        monitor=metric,
+        mode=mode,
+        save_top_k=1,
+    )
 
 
 def _is_buildable(node: Any) -> bool:

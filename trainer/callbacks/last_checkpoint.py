@@ -1,0 +1,50 @@
+"""<run dir>/checkpoints/last.ckpt: what auto-resume starts from.
+
+Saved at the end of every epoch (after validation), every `every_n_train_steps` optimizer steps if set,
+and when training stops for any reason other than a crash. Lightning's own `save_last` skips the epochs
+in which the monitored metric did not improve, which would make a resumed run redo them. Writes go
+through the trainer's checkpoint IO (atomic, see trainer/checkpoint.py).
+"""
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+
+class LastCheckpoint(L.Callback):
+    # Read by loggers that upload checkpoints (WandbLogger's log_model), as on Lightning's ModelCheckpoint.
+    monitor = None
+    current_score = None
+    best_model_path = ""
+    best_model_score = None
+    best_k_models: dict[str, Any] = {}
+    save_top_k = 1
+
+    def __init__(self, dirpath: str, every_n_train_steps: int | None = None):
+        if every_n_train_steps is not None and every_n_train_steps < 1:
+            raise ValueError(f"every_n_train_steps must be a positive number or null, got {every_n_train_steps}")
+        self.dirpath = Path(dirpath)
+        self.every_n_train_steps = every_n_train_steps
+        self.last_model_path = ""
+        self._saved_at_step = -1
+
+    def save(self, trainer: L.Trainer) -> None:
+        if trainer.sanity_checking or trainer.global_step == self._saved_at_step:
+            return
+        path = self.dirpath / "last.ckpt"
+        trainer.save_checkpoint(path)
+        self._saved_at_step = trainer.global_step
+        self.last_model_path = str(path)
+        for logger in trainer.loggers:
+            logger.after_save_checkpoint(self)
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:
+            self.save(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.save(trainer)  # validation, if any, has already run: its metrics go into the checkpoint
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.save(trainer)  # max_steps can end training mid-epoch
