@@ -4,7 +4,9 @@ Problems the user can fix (config, data, checkpoints) end as one `error:` line a
 composition errors (an unknown group option lists the available ones) exit with 1.
 """
 
+import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -28,6 +30,7 @@ def config_dir() -> str:
 def _hydra_main(cfg: DictConfig) -> None:
     from trainer.config import build
 
+    _tidy_logging()
     try:
         launcher = build(cfg.launcher, "launcher")
         launcher.launch(cfg)
@@ -38,6 +41,30 @@ def _hydra_main(cfg: DictConfig) -> None:
         _fail(f"config key {key}: {one_line(e)}" if key else one_line(e))
     finally:
         print(f"trainer: run dir {cfg.get('run_dir', '?')}", file=sys.stderr)
+
+
+def _tidy_logging() -> None:
+    """Lightning's messages go through Hydra's handlers (console and <run dir>/train.log) once, not twice."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).handlers.clear()
+        logging.getLogger(name).propagate = True
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: not record.getMessage().startswith("💡")  # an advertisement, not information
+    )
+
+
+def unknown_choice(args: list[str], conf: Path) -> str | None:
+    """A `group=option` whose option does not exist, said in one line with the available ones."""
+    for arg in args:
+        match = re.fullmatch(r"\+{0,2}(\w+)=([\w.-]+)", arg)
+        if not match or match[1] == "hydra" or not (conf / match[1]).is_dir():
+            continue
+        group, choice = match.groups()
+        if choice != "null" and not (conf / group / f"{choice}.yaml").is_file():
+            available = ", ".join(sorted(p.stem for p in (conf / group).glob("*.yaml")))
+            usage = f"+{group}=NAME" if group == "exp" else f"{group}=NAME"
+            return f"{group}={choice} is not an option; choose {usage} from: {available}"
+    return None
 
 
 def one_line(error: BaseException) -> str:
@@ -54,6 +81,8 @@ def _fail(message: str) -> None:
 
 
 def main() -> None:
+    if problem := unknown_choice(sys.argv[1:], Path(config_dir())):
+        _fail(problem)
     _hydra_main()
 
 

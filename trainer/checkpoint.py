@@ -53,7 +53,8 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, garbage bytes, or a pickle that wants to run code
-        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        first_line = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        reason = f"{type(e).__name__}: {first_line}" if first_line else type(e).__name__
         raise UserError(f"checkpoint {path} is corrupt or unsafe to load ({reason}): {FIX}") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise UserError(f"checkpoint {path} is not a Lightning checkpoint (no state_dict): {FIX}")

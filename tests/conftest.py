@@ -1,0 +1,59 @@
+"""Shared helpers: compose configs in-process, and run the real CLI (`python -m trainer`) in a subprocess."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from trainer.__main__ import config_dir
+
+REPO = Path(__file__).resolve().parent.parent
+
+# A DCGAN small enough that an end-to-end run takes seconds on 2 CPU cores.
+TINY_DCGAN = [
+    "+exp=dcgan",
+    "model.generator.width=8",
+    "model.discriminator.width=8",
+    "data.image_size=16",
+    "data.batch_size=16",
+    "++trainer.limit_train_batches=4",
+    "++trainer.limit_val_batches=1",
+    "++trainer.log_every_n_steps=2",
+    "++trainer.enable_progress_bar=false",
+    "++trainer.enable_model_summary=false",
+]
+
+
+def compose_config(*overrides: str, run_dir: Path | None = None) -> DictConfig:
+    extra = [f"run_dir={run_dir}"] if run_dir is not None else []
+    with initialize_config_dir(config_dir(), version_base="1.3"):
+        return compose("config", overrides=[*overrides, *extra])
+
+
+def cli_env(home: Path) -> dict[str, str]:
+    """No W&B credentials (so `mode=auto` means offline), an empty home, the repo importable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(home), WANDB_SILENT="true", PYTHONPATH=str(REPO))
+    return env
+
+
+def run_cli(*args: str, home: Path, cwd: Path | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "trainer", *args],
+        cwd=cwd or REPO,
+        env=cli_env(home),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    path = tmp_path / "home"
+    path.mkdir()
+    return path

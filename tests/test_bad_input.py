@@ -1,0 +1,100 @@
+"""Bad input ends in one clear `error:` line naming the problem and the fix, a non-zero exit, no traceback,
+and leaves what earlier runs saved untouched."""
+
+import hashlib
+from pathlib import Path
+
+import pytest
+from conftest import TINY_DCGAN, run_cli
+
+FAST = [*TINY_DCGAN, "logger=none", "++trainer.max_epochs=1"]
+
+
+def assert_clean_failure(result, *fragments: str) -> str:
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-2000:]
+    assert "Traceback" not in output, output[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished tiny run whose files must survive every failing command below."""
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    home = tmp_path_factory.mktemp("home")
+    result = run_cli(*FAST, f"hydra.run.dir={run_dir}", home=home)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def fingerprint(run_dir: Path) -> dict[str, str]:
+    files = [*run_dir.glob("checkpoints/*"), run_dir / "metrics.json"]
+    return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def image_dir(tmp_path: Path, corrupt: bool) -> Path:
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(40):
+        Image.new("RGB", (20, 20), (i * 6, 100, 50)).save(folder / f"ok_{i:02d}.png")
+    if corrupt:
+        (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    return folder
+
+
+CASES = {
+    "unknown exp": (["+exp=gan9000"], ["exp=gan9000 is not an option", "+exp=NAME", "dcgan"]),
+    "unknown group option": (["+exp=dcgan", "logger=mlflow"], ["logger=mlflow", "csv, none, tensorboard, wandb"]),
+    "unknown key": (["+exp=dcgan", "++trainer.max_epocs=3"], ["trainer.max_epocs", "did you mean trainer.max_epochs"]),
+    "wrong type": (["+exp=dcgan", "++trainer.max_epochs=ten"], ["trainer.max_epochs='ten'", "expected int"]),
+    "wrong type in the task": (["+exp=dcgan", "task.lr=fast"], ["task.lr='fast'", "expected float"]),
+    "impossible image size": (["+exp=dcgan", "data.image_size=48"], ["image_size must be a power of two"]),
+    "missing data.root": (["+exp=dcgan", "data=image_folder"], ["data.root"]),
+    "missing data dir": (["+exp=dcgan", "data=image_folder", "data.root=/no/such/dir"],
+                         ["data.root=/no/such/dir is not a directory"]),
+    "missing checkpoint": (["+exp=dcgan", "ckpt_path=/no/such.ckpt"], ["ckpt_path=/no/such.ckpt does not exist"]),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_config_values(case: str, trained_run: Path, home: Path) -> None:
+    args, fragments = CASES[case]
+    before = fingerprint(trained_run)
+    result = run_cli(*FAST[1:], *args, f"hydra.run.dir={trained_run}", home=home)
+    assert_clean_failure(result, *fragments)
+    assert fingerprint(trained_run) == before
+
+
+@pytest.mark.parametrize("corrupt", [True, False])
+def test_image_folder(tmp_path: Path, home: Path, corrupt: bool) -> None:
+    folder = image_dir(tmp_path, corrupt)
+    result = run_cli(*FAST, "data=image_folder", f"data.root={folder}", "data.batch_size=8",
+                     f"hydra.run.dir={tmp_path / 'run'}", home=home)
+    if corrupt:
+        assert_clean_failure(result, "cannot read image", "broken.png", "remove or replace")
+    else:
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_corrupt_last_checkpoint_is_reported_and_kept(tmp_path: Path, home: Path, trained_run: Path) -> None:
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    last.write_bytes((trained_run / "checkpoints" / "last.ckpt").read_bytes()[:5000])  # a torn copy
+    result = run_cli(*FAST, f"hydra.run.dir={run_dir}", home=home)
+    assert_clean_failure(result, "last.ckpt is corrupt", "resume=never")
+    assert last.stat().st_size == 5000  # left for the user to inspect
+
+
+def test_checkpoint_of_another_model(tmp_path: Path, home: Path, trained_run: Path) -> None:
+    before = fingerprint(trained_run)
+    result = run_cli(*FAST, "model.generator.width=16", f"hydra.run.dir={trained_run}", home=home)
+    assert_clean_failure(result, "of another model", "generator.net.0.weight")
+    assert fingerprint(trained_run) == before

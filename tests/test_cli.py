@@ -1,0 +1,53 @@
+"""The real command line, end to end: train, read the W&B offline run back, resume into the same run."""
+
+import json
+from pathlib import Path
+
+from conftest import TINY_DCGAN, run_cli
+from wandb_offline import find_runs, read_run
+
+
+def test_dcgan_trains_logs_to_wandb_and_resumes_into_the_same_run(tmp_path: Path, home: Path) -> None:
+    run_dir = tmp_path / "run"
+    args = [*TINY_DCGAN, f"hydra.run.dir={run_dir}", "callbacks.gradients.log_every_n_steps=2",
+            "callbacks.gradients.histogram_every_n_steps=4"]
+    first = run_cli(*args, "++trainer.max_epochs=1", home=home)
+    assert first.returncode == 0, first.stderr[-3000:]
+
+    # The run dir: resolved config, checkpoints, the W&B pointer, metrics.json.
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert list((run_dir / "checkpoints").glob("best-*.ckpt"))
+    pointer = json.loads((run_dir / "wandb_run.json").read_text())
+    assert pointer["mode"] == "offline"  # no API key in the test's environment
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("train/loss_d", "train/loss_g", "train/D_x", "train/D_G_z", "val/pixel_fd"):
+        assert {"final", "best", "best_step", "mode"} <= metrics[key].keys()
+    assert metrics["val/pixel_fd"]["mode"] == "min"
+
+    (run_path,) = find_runs(run_dir / "wandb")
+    run = read_run(run_path)
+    assert run.run_id == pointer["id"]
+    keys = run.history_keys()
+    for key in ("train/loss_d", "train/loss_g", "train/D_x", "train/D_G_z", "val/pixel_fd"):
+        assert key in keys
+    # Per-layer gradient norms and histograms, per network.
+    assert {"grad_norm/generator/net.0", "grad_norm/generator/total", "grad_norm/discriminator/total"} <= set(keys)
+    assert any(k.startswith("grad_hist/generator/") for k in keys)
+    assert any(k.startswith("grad_hist/discriminator/") for k in keys)
+    norms = [v for _, v in run.series("grad_norm/generator/total")]
+    assert norms and all(v > 0 for v in norms)
+    # The sample grid, the config with the git commit, the checkpoint artifact.
+    assert any(f.startswith("media/images/samples") and f.endswith(".png") for f in run.files)
+    assert run.config["name"] == "dcgan" and run.config["model"]["generator"]["width"] == 8
+    assert "commit" in run.config["git"]
+    assert any(a["type"] == "model" and any(p.endswith(".ckpt") for p in a["files"]) for a in run.artifacts)
+    assert list(run_dir.glob("samples/samples_epoch000.png"))
+
+    second = run_cli(*args, "++trainer.max_epochs=2", home=home)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stderr + second.stdout
+    runs = [read_run(p) for p in find_runs(run_dir / "wandb")]
+    assert len(runs) == 2 and {r.run_id for r in runs} == {pointer["id"]}  # one W&B run, continued
+    steps = [v for _, v in runs[1].series("trainer/global_step")]
+    assert steps and min(steps) >= 4  # the second part logs from where the first stopped (4 batches)
+    assert json.loads((run_dir / "metrics.json").read_text())["train/loss_d"]["best_step"] >= 0

@@ -1,0 +1,103 @@
+"""Every config composes; --help lists the groups; the wheel carries the configs; errors name the key."""
+
+import zipfile
+from pathlib import Path
+
+import pytest
+from conftest import REPO, compose_config, run_cli
+from omegaconf import OmegaConf
+
+from trainer.config import check_arguments
+from trainer.errors import UserError
+
+CONF = REPO / "conf"
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("exp", options("exp"))
+def test_every_exp_composes_and_resolves(exp: str, tmp_path: Path) -> None:
+    cfg = compose_config(f"+exp={exp}", run_dir=tmp_path)
+    OmegaConf.resolve(cfg)
+    assert cfg.name == exp
+    assert cfg.task._target_ and cfg.data._target_ and cfg.trainer._target_
+
+
+@pytest.mark.parametrize(
+    "group,option",
+    [(g, o) for g in ("trainer", "logger", "callbacks", "debug", "launcher", "data") for o in options(g)],
+)
+def test_every_group_option_composes(group: str, option: str, tmp_path: Path) -> None:
+    overrides = ["+exp=dcgan", f"{group}={option}"]
+    if option == "image_folder":
+        overrides.append(f"data.root={tmp_path}")
+    cfg = compose_config(*overrides, run_dir=tmp_path)
+    OmegaConf.resolve(cfg)
+
+
+def test_exp_is_not_in_primary_defaults() -> None:
+    primary = OmegaConf.load(CONF / "config.yaml")
+    assert not any("exp" in str(entry) for entry in primary.defaults)
+
+
+def test_gpu_preset_turns_on_the_fast_paths(tmp_path: Path) -> None:
+    cfg = compose_config("+exp=dcgan", "trainer=gpu", run_dir=tmp_path)
+    assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
+    assert cfg.perf.compile and cfg.perf.channels_last and cfg.data.pin_memory and cfg.data.num_workers > 0
+    assert cfg.trainer.max_epochs == 25  # the exp still wins over the preset's defaults
+    cpu = compose_config("+exp=dcgan", run_dir=tmp_path)
+    assert not (cpu.perf.compile or cpu.perf.channels_last or cpu.data.pin_memory)
+
+
+def test_help_lists_groups_and_options(home: Path) -> None:
+    result = run_cli("--help", home=home)
+    assert result.returncode == 0
+    for line in ("exp: dcgan", "logger: csv, none, tensorboard, wandb", "trainer: cpu, ddp, default, gpu"):
+        assert line in result.stdout
+
+
+def test_unknown_key_is_refused_with_a_suggestion(tmp_path: Path) -> None:
+    cfg = compose_config("+exp=dcgan", "++trainer.max_epocs=3", run_dir=tmp_path)
+    from lightning.pytorch import Trainer
+
+    with pytest.raises(UserError, match=r"trainer.max_epocs .*did you mean trainer.max_epochs"):
+        check_arguments(Trainer, cfg.trainer, "trainer")
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("++trainer.max_epochs=ten", r"trainer.max_epochs='ten' has the wrong type: expected int or null"),
+        ("++trainer.precision=17", r"trainer.precision=17 has the wrong type"),
+        ("++trainer.enable_progress_bar=maybe", r"enable_progress_bar='maybe' has the wrong type: expected bool"),
+    ],
+)
+def test_wrong_types_are_refused(override: str, message: str, tmp_path: Path) -> None:
+    from lightning.pytorch import Trainer
+
+    cfg = compose_config("+exp=dcgan", override, run_dir=tmp_path)
+    with pytest.raises(UserError, match=message):
+        check_arguments(Trainer, cfg.trainer, "trainer")
+
+
+def test_wheel_carries_the_configs_and_runs_from_any_directory(tmp_path: Path, home: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from hatchling.builders.wheel import WheelBuilder
+
+    wheel = Path(next(iter(WheelBuilder(str(REPO)).build(directory=str(tmp_path / "dist"), versions=["standard"]))))
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+        assert {"trainer/conf/config.yaml", "trainer/conf/exp/dcgan.yaml", "trainer/run.py"} <= names
+        zf.extractall(tmp_path / "site")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site"), "HOME": str(home)}
+    result = subprocess.run(
+        [sys.executable, "-m", "trainer", "+exp=dcgan", "--cfg", "job"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "name: dcgan" in result.stdout

@@ -1,0 +1,91 @@
+"""Pieces on their own: DCGAN shapes, the Fréchet distance, the resumable loader, per-layer gradient norms."""
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from trainer.callbacks.gradients import GradientMonitor, layer_name
+from trainer.data.loading import ResumableLoader
+from trainer.models.dcgan import Discriminator, Generator
+from trainer.tasks.gan import frechet_distance
+
+
+@pytest.mark.parametrize("size,channels", [(8, 1), (16, 3), (32, 1), (64, 3)])
+def test_dcgan_shapes(size: int, channels: int) -> None:
+    g, d = Generator(16, size, channels, width=4), Discriminator(size, channels, width=4)
+    images = g(torch.randn(5, 16))
+    assert images.shape == (5, channels, size, size)
+    assert images.min() >= -1 and images.max() <= 1  # tanh output, like the data
+    assert d(images).shape == (5,)
+
+
+def test_dcgan_refuses_sizes_that_are_not_powers_of_two() -> None:
+    with pytest.raises(ValueError, match="power of two"):
+        Generator(image_size=48)
+
+
+def test_dcgan_init_follows_the_paper() -> None:
+    weights = torch.cat([m.weight.flatten() for m in Generator(100, 64, 3).modules() if isinstance(m, torch.nn.ConvTranspose2d)])
+    assert abs(weights.mean().item()) < 1e-3 and abs(weights.std().item() - 0.02) < 1e-3
+
+
+def test_frechet_distance_matches_scipy() -> None:
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(400, 6)), rng.normal(loc=0.5, scale=1.5, size=(300, 6)) @ rng.normal(size=(6, 6))
+    mu_x, mu_y, cx, cy = x.mean(0), y.mean(0), np.cov(x.T), np.cov(y.T)
+    expected = ((mu_x - mu_y) ** 2).sum() + np.trace(cx + cy - 2 * scipy.linalg.sqrtm(cx @ cy).real)
+    got = frechet_distance(torch.from_numpy(x), torch.from_numpy(y)).item()
+    assert got == pytest.approx(expected, rel=1e-6)
+    assert frechet_distance(torch.from_numpy(x), torch.from_numpy(x)).item() == pytest.approx(0, abs=1e-8)
+
+
+def test_loader_order_depends_only_on_seed_and_epoch() -> None:
+    data = torch.arange(20)
+    loader = ResumableLoader(data, batch_size=4, seed=1)
+    loader.sampler.set_epoch(0)
+    first = torch.cat(list(loader))
+    torch.manual_seed(123)  # the global RNG plays no part
+    again = torch.cat(list(loader))
+    loader.sampler.set_epoch(1)
+    other_epoch = torch.cat(list(loader))
+    assert torch.equal(first, again) and not torch.equal(first, other_epoch)
+    assert sorted(first.tolist()) == list(range(20))
+
+
+def test_loader_resumes_mid_epoch_with_the_unseen_batches() -> None:
+    data = torch.arange(24)
+    loader = ResumableLoader(data, batch_size=4, seed=3)
+    loader.sampler.set_epoch(2)
+    batches = list(loader)
+    it = iter(loader)
+    next(it), next(it)
+    state = loader.state_dict()
+    assert state == {"epoch": 2, "batches_yielded": 2}
+
+    fresh = ResumableLoader(data, batch_size=4, seed=3)
+    fresh.load_state_dict(state)
+    fresh.sampler.set_epoch(2)  # Lightning sets the epoch before iterating
+    rest = list(fresh)
+    assert [b.tolist() for b in rest] == [b.tolist() for b in batches[2:]]
+    assert len(list(fresh)) == 6  # the skip applies once; the next epoch is whole
+
+
+def test_loader_ignores_a_finished_epoch() -> None:
+    loader = ResumableLoader(torch.arange(8), batch_size=4, seed=0)
+    loader.load_state_dict({"epoch": 0, "batches_yielded": 2})
+    assert len(list(loader)) == 2
+
+
+def test_layer_norms_equal_the_norms_of_each_layers_gradients() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    model(torch.randn(8, 3)).square().sum().backward()
+    layers: dict[str, list[torch.Tensor]] = {}
+    for name, p in model.named_parameters():
+        layers.setdefault(f"net.{layer_name(name)}", []).append(p.grad)
+    norms = GradientMonitor.layer_norms(layers)
+    for layer, index in (("0", 0), ("2", 2)):
+        expected = torch.cat([model[index].weight.grad.flatten(), model[index].bias.grad.flatten()]).norm().item()
+        assert norms[f"grad_norm/net/{layer}"] == pytest.approx(expected, rel=1e-6)
+    total = torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item()
+    assert norms["grad_norm/net/total"] == pytest.approx(total, rel=1e-6)
