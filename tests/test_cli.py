@@ -51,3 +51,17 @@ def test_dcgan_trains_logs_to_wandb_and_resumes_into_the_same_run(tmp_path: Path
     steps = [v for _, v in runs[1].series("trainer/global_step")]
     assert steps and min(steps) >= 4  # the second part logs from where the first stopped (4 batches)
     assert json.loads((run_dir / "metrics.json").read_text())["train/loss_d"]["best_step"] >= 0
+
+
+def test_two_process_ddp_makes_one_wandb_run_and_distinct_rank_streams(tmp_path: Path, home: Path) -> None:
+    import torch
+
+    run_dir = tmp_path / "run"
+    result = run_cli(*TINY_DCGAN, "trainer=ddp_cpu", "++trainer.max_epochs=1", f"hydra.run.dir={run_dir}", home=home)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(find_runs(run_dir / "wandb")) == 1  # only rank 0 creates a W&B run
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 8  # 4 batches per rank, 2 optimizers
+    (rng,) = [v for k, v in checkpoint["callbacks"].items() if k.startswith("RNGState")]
+    rank0, rank1 = rng["ranks"]
+    assert not torch.equal(rank0["torch"], rank1["torch"])  # GAN noise differs between data-parallel ranks

@@ -54,7 +54,7 @@ def test_gpu_preset_turns_on_the_fast_paths(tmp_path: Path) -> None:
 def test_help_lists_groups_and_options(home: Path) -> None:
     result = run_cli("--help", home=home)
     assert result.returncode == 0
-    for line in ("exp: dcgan", "logger: csv, none, tensorboard, wandb", "trainer: cpu, ddp, default, gpu"):
+    for line in ("exp: dcgan", "logger: csv, none, tensorboard, wandb", "trainer: cpu, ddp, ddp_cpu, default, gpu"):
         assert line in result.stdout
 
 

@@ -89,3 +89,16 @@ def test_layer_norms_equal_the_norms_of_each_layers_gradients() -> None:
         assert norms[f"grad_norm/net/{layer}"] == pytest.approx(expected, rel=1e-6)
     total = torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item()
     assert norms["grad_norm/net/total"] == pytest.approx(total, rel=1e-6)
+
+
+def test_shards_are_disjoint_and_equal_in_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    import trainer.data.loading as loading
+
+    seen = []
+    for rank in range(3):
+        monkeypatch.setattr(loading, "_rank_and_world", lambda rank=rank: (rank, 3))
+        sampler = loading.ShardedSampler(20, seed=5)
+        shard = list(sampler)
+        assert len(shard) == len(sampler) == 6
+        seen.append(set(shard))
+    assert not (seen[0] & seen[1] or seen[0] & seen[2] or seen[1] & seen[2])

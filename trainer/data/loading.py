@@ -46,12 +46,16 @@ class ShardedSampler(Sampler[int]):
 
 
 class ResumableLoader(DataLoader):
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int, shuffle: bool = True, **kwargs: Any):
+    def __init__(
+        self, dataset: Dataset, batch_size: int, seed: int, shuffle: bool = True, sampler: Any = None, **kwargs: Any
+    ):
         assert isinstance(dataset, Sized)
+        kwargs.pop("generator", None)
         super().__init__(
             dataset,
             batch_size=batch_size,
-            sampler=ShardedSampler(len(dataset), seed, shuffle),
+            # Lightning passes its own sampler when it rebuilds the loader (trainer.overfit_batches).
+            sampler=sampler if sampler is not None else ShardedSampler(len(dataset), seed, shuffle),
             generator=torch.Generator().manual_seed(seed),
             **kwargs,
         )
@@ -60,16 +64,17 @@ class ResumableLoader(DataLoader):
 
     def __iter__(self) -> Iterator[Any]:
         resume_at, self._resume_at = self._resume_at, 0
-        self.sampler.start = resume_at * self.batch_size
+        if isinstance(self.sampler, ShardedSampler):
+            self.sampler.start = resume_at * self.batch_size
         self._batches_yielded = resume_at
         for batch in super().__iter__():
             self._batches_yielded += 1
             yield batch
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.sampler.epoch, "batches_yielded": self._batches_yielded}
+        return {"epoch": getattr(self.sampler, "epoch", 0), "batches_yielded": self._batches_yielded}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        if state["batches_yielded"] < len(self):  # a finished epoch needs no skipping
+        if isinstance(self.sampler, ShardedSampler) and state["batches_yielded"] < len(self):
             self.sampler.set_epoch(state["epoch"])
             self._resume_at = state["batches_yielded"]

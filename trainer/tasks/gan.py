@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.images import log_image_grid
+from trainer.tasks import is_logging_step
 
 
 class DCGAN(L.LightningModule):
@@ -62,8 +63,9 @@ class DCGAN(L.LightningModule):
         self.manual_backward(loss_g)
         opt_g.step()
 
-        self.log_dict({"train/loss_d": loss_d, "train/loss_g": loss_g}, prog_bar=True)
-        self.log_dict({"train/D_x": d_real.sigmoid().mean(), "train/D_G_z": d_fake.sigmoid().mean()})
+        if is_logging_step(self):
+            self.log_dict({"train/loss_d": loss_d, "train/loss_g": loss_g}, prog_bar=True)
+            self.log_dict({"train/D_x": d_real.sigmoid().mean(), "train/D_G_z": d_fake.sigmoid().mean()})
 
     # -- validation: Fréchet distance of 8x8 pixel features, with noise fixed per batch index ----------
 
