@@ -45,7 +45,7 @@ def test_dcgan_trains_logs_to_wandb_and_resumes_into_the_same_run(tmp_path: Path
 
     second = run_cli(*args, "++trainer.max_epochs=2", home=home)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "resumed from" in second.stderr + second.stdout
+    assert "resuming from" in second.stderr + second.stdout
     runs = [read_run(p) for p in find_runs(run_dir / "wandb")]
     assert len(runs) == 2 and {r.run_id for r in runs} == {pointer["id"]}  # one W&B run, continued
     steps = [v for _, v in runs[1].series("trainer/global_step")]

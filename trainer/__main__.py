@@ -1,22 +1,19 @@
 """`python -m trainer +exp=dcgan [key=value ...]`: compose the config with Hydra, hand it to the launcher.
 
-Problems the user can fix (config, data, checkpoints) end as one `error:` line and exit code 2; Hydra's own
-composition errors (an unknown group option lists the available ones) exit with 1.
+Problems the user can fix (an unknown group option, a wrong key or type, missing data, a bad checkpoint) end
+as one `error:` line and exit code 2; the override syntax errors that Hydra reports itself exit with 1.
 """
 
 import logging
-import os
 import re
 import sys
 from pathlib import Path
 
-os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+import hydra
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-from omegaconf.errors import OmegaConfBaseException  # noqa: E402
-
-from trainer.errors import UserError  # noqa: E402
+from trainer.errors import UserError
 
 
 def config_dir() -> str:

@@ -26,9 +26,29 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Fits the configured task; returns the content of <run dir>/metrics.json."""
     run_dir = Path(cfg.run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule, module = build_task(cfg)
+    ckpt_path = resume_checkpoint(run_dir, cfg.resume, cfg.ckpt_path, keep_old=rank_zero_only.rank == 0)
+    pl_trainer, metrics_file = build_trainer(cfg, module)
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    if pl_trainer.is_global_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+        if ckpt_path:
+            print(f"trainer: resuming from {ckpt_path}")
+    for logger in pl_trainer.loggers:
+        logger.log_hyperparams({**resolved, "git": git_state()})
+    try:
+        pl_trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    finally:
+        finish_wandb()
+    return metrics_file.metrics
+
+
+def build_task(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule]:
+    """The data, and the task with the model parts (every `_target_` node under `model`) passed by name."""
     if cfg.perf.matmul_precision:
         torch.set_float32_matmul_precision(cfg.perf.matmul_precision)
-
     datamodule = build(cfg.data, "data")
     parts = {name: build(node, f"model.{name}") for name, node in cfg.model.items() if _is_buildable(node)}
     module = build(cfg.task, "task", **parts)
@@ -37,35 +57,29 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.perf.compile:
         for part in parts.values():
             part.compile()  # in place: parameter names, and so checkpoints, stay the same
+    return datamodule, module
 
-    ckpt_path = resume_checkpoint(run_dir, cfg.resume, cfg.ckpt_path, keep_old=rank_zero_only.rank == 0)
-    callbacks = [build(node, f"callbacks.{name}") for name, node in (cfg.callbacks or {}).items() if _is_buildable(node)]
+
+def build_trainer(cfg: DictConfig, module: L.LightningModule) -> tuple[L.Trainer, MetricsFile]:
+    """Lightning's Trainer with the configured callbacks and loggers, plus what every run needs: metrics.json,
+    RNG state in checkpoints, the best checkpoint of `monitor.metric`, and safe checkpoint files."""
+    run_dir = Path(cfg.run_dir)
+    callbacks = [build(node, f"callbacks.{name}") for name, node in (cfg.callbacks or {}).items()
+                 if _is_buildable(node)]
     metrics_file = MetricsFile(run_dir / "metrics.json")
     if cfg.monitor.metric:
         metrics_file.modes[cfg.monitor.metric] = cfg.monitor.mode
         callbacks.append(best_checkpoint(run_dir, cfg.monitor.metric, cfg.monitor.mode))
     loggers = [build(node, f"logger.{name}") for name, node in (cfg.logger or {}).items() if _is_buildable(node)]
-    expected_shapes = {k: v.shape for k, v in module.state_dict().items()}
     pl_trainer = build(
         cfg.trainer,
         "trainer",
         default_root_dir=str(run_dir),
         callbacks=[*callbacks, metrics_file, RNGState(cfg.seed)],
         logger=loggers or False,
-        plugins=[SafeCheckpointIO(expected_shapes)],
+        plugins=[SafeCheckpointIO(expected_shapes={k: v.shape for k, v in module.state_dict().items()})],
     )
-    if pl_trainer.is_global_zero:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    for logger in loggers:
-        logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "git": git_state()})
-    try:
-        pl_trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    finally:
-        finish_wandb()
-    if ckpt_path and pl_trainer.is_global_zero:
-        print(f"trainer: resumed from {ckpt_path}")
-    return metrics_file.metrics
+    return pl_trainer, metrics_file
 
 
 def best_checkpoint(run_dir: Path, metric: str, mode: str) -> ModelCheckpoint:
