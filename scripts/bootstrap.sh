@@ -13,11 +13,15 @@ if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
 fi
 echo "trainer: setting up $venv (first run only, about a minute)" >&2
 python3 -m venv "$venv"
-pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
+pip_install() {
+  # Hide pip's notes about unreachable extra index folders of some machines; keep every real error.
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$@" \
+    2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
 # The pin gives the CPU wheel on a CPU machine and the CUDA wheel on a GPU cluster.
 # torchvision is never installed: next to CPU torch it fails to import and breaks Lightning and Ray.
-"${pip[@]}" "torch==2.13.0"
-"${pip[@]}" -e "$root[dev]"
+pip_install "torch==2.13.0"
+pip_install -e "$root[dev]"
 if "$venv/bin/python" -c "import torchvision" 2>/dev/null; then
   echo "trainer: torchvision got installed by a dependency; remove it (pip uninstall torchvision)" >&2
   exit 1

@@ -33,7 +33,7 @@ class LastCheckpoint(L.Callback):
         if trainer.sanity_checking or trainer.global_step == self._saved_at_step:
             return
         path = self.dirpath / "last.ckpt"
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # the full state: optimizers, loops, RNG
         self._saved_at_step = trainer.global_step
         self.last_model_path = str(path)
         for logger in trainer.loggers:
