@@ -8,6 +8,8 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from PIL import Image
 
+from trainer.loggers import log_step
+
 
 def make_grid(images: torch.Tensor, columns: int = 8, padding: int = 2) -> np.ndarray:
     """(N, C, H, W) in [-1, 1] -> one (H', W', C) uint8 image, `columns` images per row."""
@@ -29,7 +31,7 @@ def log_image_grid(trainer: L.Trainer, key: str, images: torch.Tensor) -> Path:
         Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid).save(path)
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
-            logger.log_image(key, [grid], step=trainer.global_step)
+            logger.log_image(key, [grid], step=log_step(trainer))
         elif isinstance(logger, TensorBoardLogger):
-            logger.experiment.add_image(key, grid, trainer.global_step, dataformats="HWC")
+            logger.experiment.add_image(key, grid, log_step(trainer), dataformats="HWC")
     return path

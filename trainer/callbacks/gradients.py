@@ -5,12 +5,15 @@ DDP all-reduce, after unscaling in mixed precision, and per network for GANs (th
 only holds generator parameters). Steps that log nothing cost one integer comparison.
 """
 
+import math
 from collections import defaultdict
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
+
+from trainer.loggers import log_step
 
 
 def layer_name(param_name: str) -> str:
@@ -33,7 +36,7 @@ class GradientMonitor(L.Callback):
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the step Lightning logs metrics at
+        step = log_step(trainer)
         log_norms = step % self.log_every_n_steps == 0
         log_hist = self.histogram_every_n_steps > 0 and step % self.histogram_every_n_steps == 0
         if not (log_norms or log_hist) or not trainer.loggers:
@@ -72,17 +75,16 @@ class GradientMonitor(L.Callback):
     def _log_histograms(self, trainer: L.Trainer, layers: dict[str, list[torch.Tensor]], step: int) -> None:
         import wandb
 
+        flats = [torch.cat([g.float().flatten() for g in grads]) for grads in layers.values()]
+        ranges = torch.stack([torch.stack(torch.aminmax(f)) for f in flats]).tolist()  # one host sync
         histograms: dict[str, Any] = {}
-        for name, grads in layers.items():
-            flat = torch.cat([g.float().flatten() for g in grads])
-            lo, hi = torch.aminmax(flat)
-            lo, hi = lo.item(), hi.item()
-            if not (torch.isfinite(torch.tensor([lo, hi])).all()):
-                continue  # a non-finite gradient has no histogram; the norm above already shows it
+        for name, flat, (lo, hi) in zip(layers, flats, ranges):
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                continue  # a non-finite gradient has no histogram; its norm already shows it
             hi = hi if hi > lo else lo + 1e-12
-            counts = torch.histc(flat, bins=self.bins, min=lo, max=hi)
-            edges = torch.linspace(lo, hi, self.bins + 1)
-            histograms[f"grad_hist/{_panel(name)}"] = wandb.Histogram(np_histogram=(counts.cpu().numpy(), edges.numpy()))
+            counts = torch.histc(flat, bins=self.bins, min=lo, max=hi).cpu().numpy()
+            edges = torch.linspace(lo, hi, self.bins + 1).numpy()
+            histograms[f"grad_hist/{_panel(name)}"] = wandb.Histogram(np_histogram=(counts, edges))
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.experiment.log({**histograms, "trainer/global_step": step})

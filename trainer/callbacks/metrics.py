@@ -13,6 +13,8 @@ from typing import Any
 
 import lightning as L
 
+from trainer.loggers import log_step
+
 # Metrics whose name matches are better when smaller; everything else (accuracy, AP, return, F1) when larger.
 LOWER_IS_BETTER = re.compile(r"loss|error|err\b|_fd|fid|kl|perplexity|time|nan|inf", re.IGNORECASE)
 
@@ -48,7 +50,7 @@ class MetricsFile(L.Callback):
             write_json_atomic(self.path, self.metrics)
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        if trainer.fit_loop.epoch_loop._batches_that_stepped % trainer.log_every_n_steps == 0:
+        if log_step(trainer) % trainer.log_every_n_steps == 0:
             self._update(trainer, write=False)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.images import log_image_grid
-from trainer.tasks import is_logging_step
+from trainer.loggers import is_logging_step
 
 
 class DCGAN(L.LightningModule):
@@ -63,7 +63,7 @@ class DCGAN(L.LightningModule):
         self.manual_backward(loss_g)
         opt_g.step()
 
-        if is_logging_step(self):
+        if is_logging_step(self.trainer):
             self.log_dict({"train/loss_d": loss_d, "train/loss_g": loss_g}, prog_bar=True)
             self.log_dict({"train/D_x": d_real.sigmoid().mean(), "train/D_G_z": d_fake.sigmoid().mean()})
 
