@@ -13,6 +13,11 @@ from trainer.__main__ import config_dir
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Every Ray process the tests start (in this process or in the CLI's) binds to loopback and sends no
+# usage statistics.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
 # A DCGAN small enough that an end-to-end run takes seconds on 2 CPU cores.
 TINY_DCGAN = [
     "+exp=dcgan",

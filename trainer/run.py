@@ -5,12 +5,14 @@ SLURM inside each task.
 """
 
 import subprocess
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -22,13 +24,25 @@ from trainer.errors import UserError
 from trainer.loggers import finish_wandb
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fits the configured task; returns the content of <run dir>/metrics.json."""
+def train(
+    cfg: DictConfig,
+    *,
+    strategy: Strategy | None = None,
+    plugins: Sequence[Any] = (),
+    ckpt_path: str | None = None,
+    prepare: Callable[[L.Trainer], L.Trainer] | None = None,
+) -> dict[str, Any]:
+    """Fits the configured task; returns the content of <run dir>/metrics.json.
+
+    Launchers pass what their cluster needs: a `strategy` and environment `plugins` that replace the
+    config's, a `ckpt_path` that wins over the run dir's own last checkpoint, and a `prepare` step."""
     run_dir = Path(cfg.run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule, module = build_task(cfg)
-    ckpt_path = resume_checkpoint(run_dir, cfg.resume, cfg.ckpt_path, keep_old=rank_zero_only.rank == 0)
-    pl_trainer, metrics_file = build_trainer(cfg, module)
+    ckpt_path = ckpt_path or resume_checkpoint(run_dir, cfg.resume, cfg.ckpt_path, keep_old=rank_zero_only.rank == 0)
+    pl_trainer, metrics_file = build_trainer(cfg, module, strategy=strategy, plugins=plugins)
+    if prepare is not None:
+        pl_trainer = prepare(pl_trainer)
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if pl_trainer.is_global_zero:
@@ -60,7 +74,9 @@ def build_task(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModul
     return datamodule, module
 
 
-def build_trainer(cfg: DictConfig, module: L.LightningModule) -> tuple[L.Trainer, MetricsFile]:
+def build_trainer(
+    cfg: DictConfig, module: L.LightningModule, strategy: Strategy | None = None, plugins: Sequence[Any] = ()
+) -> tuple[L.Trainer, MetricsFile]:
     """Lightning's Trainer with the configured callbacks and loggers, plus what every run needs: metrics.json,
     RNG state in checkpoints, the best checkpoint of `monitor.metric`, and safe checkpoint files."""
     run_dir = Path(cfg.run_dir)
@@ -77,7 +93,8 @@ def build_trainer(cfg: DictConfig, module: L.LightningModule) -> tuple[L.Trainer
         default_root_dir=str(run_dir),
         callbacks=[*callbacks, metrics_file, RNGState(cfg.seed)],
         logger=loggers or False,
-        plugins=[SafeCheckpointIO(expected_shapes={k: v.shape for k, v in module.state_dict().items()})],
+        plugins=[SafeCheckpointIO(expected_shapes={k: v.shape for k, v in module.state_dict().items()}), *plugins],
+        **({"strategy": strategy} if strategy is not None else {}),
     )
     return pl_trainer, metrics_file
 
