@@ -11,6 +11,7 @@ Prints a table and the ratio median(trainer step) / median(plain step); target <
 """
 
 import argparse
+import json
 import os
 import re
 import statistics
@@ -41,9 +42,10 @@ class StepTimer(L.Callback):
 
     instances: list["StepTimer"] = []
 
-    def __init__(self, print_first: bool = False) -> None:
+    def __init__(self, print_first: bool = False, dump_to: str | None = None) -> None:
         self.starts: list[float] = []
         self.print_first = print_first
+        self.dump_to = dump_to  # rank 0 writes its step times here as JSON when training ends
         StepTimer.instances.append(self)
 
     def on_train_batch_start(self, *args: object) -> None:
@@ -53,6 +55,10 @@ class StepTimer(L.Callback):
 
     def step_times(self) -> list[float]:
         return [b - a for a, b in zip(self.starts, self.starts[1:])][WARMUP:]
+
+    def on_train_end(self, trainer: L.Trainer, *args: object) -> None:
+        if self.dump_to and trainer.is_global_zero:
+            Path(self.dump_to).write_text(json.dumps(self.step_times()))
 
 
 def plain_loop(epochs: int) -> list[float]:
@@ -95,12 +101,16 @@ def trainer_loop(epochs: int) -> list[float]:
     return StepTimer.instances[-1].step_times()
 
 
-def time_to_first_step(command: list[str]) -> float:
-    env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'scripts'}", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+def time_to_first_step(command: list[str], **env: str) -> float:
+    """Seconds from starting `command` to its first training step (a StepTimer with print_first=true)."""
+    env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'scripts'}", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+           **env}
     started = time.time()
-    out = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600).stdout
-    (stamp,) = re.findall(r"FIRST_STEP_AT ([0-9.]+)", out)
-    return float(stamp) - started
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    stamps = re.findall(r"FIRST_STEP_AT ([0-9.]+)", done.stdout + done.stderr)
+    if done.returncode != 0 or not stamps:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    return float(stamps[0]) - started
 
 
 def main() -> None:

@@ -92,8 +92,9 @@ def test_ray_run_writes_the_run_dir_and_resumes(tmp_path: Path, home: Path) -> N
     assert {read_run(p).run_id for p in find_runs(run_dir / "wandb")} == {run.run_id}
 
 
-def test_a_killed_worker_is_replaced_and_training_continues(cluster, tmp_path: Path, home: Path) -> None:
-    run_dir = tmp_path / "run"
+def train_through_a_failure(cluster, run_dir: Path, home: Path, fail) -> str:
+    """Starts a spread 2-worker run on the cluster, calls `fail` once Ray holds a checkpoint, and returns
+    the output of the run, which must finish all its steps."""
     proc = start_cli(*SLOW_DCGAN, *RAY, f"launcher.address={cluster.address}", "launcher.placement_strategy=SPREAD",
                      f"hydra.run.dir={run_dir}", home=home)
     try:
@@ -101,13 +102,19 @@ def test_a_killed_worker_is_replaced_and_training_continues(cluster, tmp_path: P
         assert proc.poll() is None, proc.stdout.read()[-3000:]
         workers = train_workers(cluster)
         assert len(workers) == 2 and len(set(workers.values())) == 2  # SPREAD: one worker per node
-        os.kill(next(iter(workers)), signal.SIGKILL)
+        fail(workers)
         output, _ = proc.communicate(timeout=300)
     finally:
         proc.kill()
     assert proc.returncode == 0, output[-4000:]
     assert last_step(run_dir) == 6 * 6 * 2  # all the configured steps, no more
     assert "resuming from" in output and "/ray/" in output  # restarted from the reported checkpoint
+    return output
+
+
+def test_a_killed_worker_is_replaced_and_training_continues(cluster, tmp_path: Path, home: Path) -> None:
+    run_dir = tmp_path / "run"
+    train_through_a_failure(cluster, run_dir, home, lambda workers: os.kill(next(iter(workers)), signal.SIGKILL))
     # The first W&B run file ends where its process was killed; read what it holds.
     runs = sorted((read_run(p, strict=False) for p in find_runs(run_dir / "wandb")), key=lambda r: r.started_at)
     assert len(runs) == 2 and len({r.run_id for r in runs}) == 1  # the restart continued the same W&B run
@@ -116,22 +123,14 @@ def test_a_killed_worker_is_replaced_and_training_continues(cluster, tmp_path: P
 
 
 def test_losing_a_node_is_survived(cluster, tmp_path: Path, home: Path) -> None:
-    run_dir = tmp_path / "run"
-    proc = start_cli(*SLOW_DCGAN, *RAY, f"launcher.address={cluster.address}", "launcher.placement_strategy=SPREAD",
-                     f"hydra.run.dir={run_dir}", home=home)
+    def remove_a_busy_node(workers: dict) -> None:
+        cluster.remove_node(next(n for n in cluster.worker_nodes if n in set(workers.values())))
+
     try:
-        wait_for(lambda: ray_checkpoints(run_dir) or proc.poll() is not None, 180, "a first Ray checkpoint")
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
-        busy = set(train_workers(cluster).values())
-        victim = next(n for n in cluster.worker_nodes if n in busy)
-        cluster.remove_node(victim)  # its raylet and every worker on it die
-        output, _ = proc.communicate(timeout=300)
-        cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")  # give the next test its three nodes back
-        cluster.wait_for_nodes()
+        train_through_a_failure(cluster, tmp_path / "run", home, remove_a_busy_node)
     finally:
-        proc.kill()
-    assert proc.returncode == 0, output[-4000:]
-    assert last_step(run_dir) == 6 * 6 * 2
+        cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")  # the next test gets three nodes again
+        cluster.wait_for_nodes()
 
 
 def test_two_ray_workers_match_two_ddp_processes(tmp_path: Path, home: Path) -> None:

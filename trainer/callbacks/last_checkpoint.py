@@ -29,15 +29,17 @@ class LastCheckpoint(L.Callback):
         self.last_model_path = ""
         self._saved_at_step = -1
 
-    def save(self, trainer: L.Trainer) -> None:
+    def save(self, trainer: L.Trainer) -> bool:
+        """Writes last.ckpt unless this step is saved already; True if it wrote."""
         if trainer.sanity_checking or trainer.global_step == self._saved_at_step:
-            return
+            return False
         path = self.dirpath / "last.ckpt"
         trainer.save_checkpoint(path, weights_only=False)  # the full state: optimizers, loops, RNG
         self._saved_at_step = trainer.global_step
         self.last_model_path = str(path)
         for logger in trainer.loggers:
             logger.after_save_checkpoint(self)
+        return True
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:

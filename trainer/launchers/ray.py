@@ -134,22 +134,22 @@ class ReportingLastCheckpoint(LastCheckpoint):
     Every worker reports each time (Ray requires it); rank 0 attaches the checkpoint and the content of
     metrics.json."""
 
-    def save(self, trainer: L.Trainer) -> None:
+    def save(self, trainer: L.Trainer) -> bool:
         import ray.train
 
-        if trainer.sanity_checking or trainer.global_step == self._saved_at_step:
-            return
-        super().save(trainer)
+        if not super().save(trainer):
+            return False
         metrics: dict[str, Any] = {"global_step": trainer.global_step, "epoch": trainer.current_epoch}
         if not trainer.is_global_zero:
             ray.train.report(metrics, checkpoint=None)
-            return
+            return True
         metrics_file = next((cb for cb in trainer.callbacks if isinstance(cb, MetricsFile)), None)
         if metrics_file is not None:
             metrics["metrics_json"] = json.dumps(metrics_file.metrics)
         with tempfile.TemporaryDirectory(prefix="trainer-ray-ckpt-") as folder:
             _link_or_copy(self.dirpath / "last.ckpt", Path(folder) / "last.ckpt")
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        return True
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -169,15 +169,9 @@ def _worker_main(config: dict[str, Any]) -> None:
 
     cfg = OmegaConf.create(config["cfg"])
     rank_zero_only.rank = ray.train.get_context().get_world_rank()  # before loggers are built
-    with_overrides = {
-        "callbacks.last_checkpoint._target_": f"{__name__}.ReportingLastCheckpoint",
-        "trainer.devices": "auto",  # Ray gives each worker its own device(s)
-        "trainer.num_nodes": 1,
-    }
-    for key, value in with_overrides.items():
-        if key.startswith("callbacks.") and OmegaConf.select(cfg, key.rsplit(".", 1)[0]) is None:
-            continue
-        OmegaConf.update(cfg, key, value, merge=False)
+    if OmegaConf.select(cfg, "callbacks.last_checkpoint") is not None:
+        cfg.callbacks.last_checkpoint._target_ = f"{__name__}.ReportingLastCheckpoint"
+    cfg.trainer.devices, cfg.trainer.num_nodes = "auto", 1  # Ray gives each worker its own device(s)
     if config["strategy"] == "fsdp":
         strategy = RayFSDPStrategy()
     else:
