@@ -36,6 +36,10 @@ def test_dcgan_trains_logs_to_wandb_and_resumes_into_the_same_run(tmp_path: Path
     assert any(k.startswith("grad_hist/discriminator/") for k in keys)
     norms = [v for _, v in run.series("grad_norm/generator/total")]
     assert norms and all(v > 0 for v in norms)
+    # Weight norms and update-to-weight ratios per layer and network, from the same logging steps.
+    assert {"param_norm/discriminator/net.0", "update_ratio/generator/net.0", "update_ratio/discriminator/total"} <= set(keys)
+    ratios = [v for _, v in run.series("update_ratio/generator/total")]
+    assert ratios and all(0 < v < 1 for v in ratios)  # Adam at 2e-4 moves weights by a small fraction
     # The sample grid, the config with the git commit, the checkpoint artifact.
     assert any(f.startswith("media/images/samples") and f.endswith(".png") for f in run.files)
     assert run.config["name"] == "dcgan" and run.config["model"]["generator"]["width"] == 8

@@ -5,7 +5,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from trainer.callbacks.gradients import GradientMonitor, layer_name
+from trainer.callbacks.gradients import layer_name, per_layer_norms
 from trainer.data.loading import ResumableLoader
 from trainer.models.dcgan import Discriminator, Generator
 from trainer.tasks.gan import frechet_distance
@@ -77,18 +77,17 @@ def test_loader_ignores_a_finished_epoch() -> None:
     assert len(list(loader)) == 2
 
 
-def test_layer_norms_equal_the_norms_of_each_layers_gradients() -> None:
+def test_per_layer_norms_equal_the_norms_of_each_layers_tensors() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
     model(torch.randn(8, 3)).square().sum().backward()
-    layers: dict[str, list[torch.Tensor]] = {}
-    for name, p in model.named_parameters():
-        layers.setdefault(f"net.{layer_name(name)}", []).append(p.grad)
-    norms = GradientMonitor.layer_norms(layers)
-    for layer, index in (("0", 0), ("2", 2)):
+    grads = [p.grad for p in model.parameters()]  # weight and bias of layer 0, then of layer 2
+    norms = per_layer_norms(grads, torch.tensor([0, 0, 1, 1]), 2).tolist()
+    for position, index in enumerate((0, 2)):
         expected = torch.cat([model[index].weight.grad.flatten(), model[index].bias.grad.flatten()]).norm().item()
-        assert norms[f"grad_norm/net/{layer}"] == pytest.approx(expected, rel=1e-6)
-    total = torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item()
-    assert norms["grad_norm/net/total"] == pytest.approx(total, rel=1e-6)
+        assert norms[position] == pytest.approx(expected, rel=1e-6)
+    total = torch.cat([g.flatten() for g in grads]).norm().item()
+    assert norms[2] == pytest.approx(total, rel=1e-6)
+    assert layer_name("generator.net.3.weight") == "generator.net.3"
 
 
 def test_shards_are_disjoint_and_equal_in_size(monkeypatch: pytest.MonkeyPatch) -> None:

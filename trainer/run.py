@@ -20,6 +20,8 @@ from trainer.callbacks.metrics import MetricsFile
 from trainer.callbacks.rng import RNGState
 from trainer.checkpoint import SafeCheckpointIO, resume_checkpoint
 from trainer.config import build
+from trainer.divergence.guard import divergence_callbacks
+from trainer.divergence.lr_find import LRRangeTest, lr_find_config
 from trainer.errors import UserError
 from trainer.loggers import finish_wandb
 
@@ -37,6 +39,10 @@ def train(
     Launchers pass what their cluster needs: a `strategy` and environment `plugins` that replace the
     config's, a `ckpt_path` that wins over the run dir's own last checkpoint, and a `prepare` step."""
     run_dir = Path(cfg.run_dir)
+    if cfg.mode not in ("train", "lr_find"):
+        raise UserError(f"mode={cfg.mode} is not an option: use mode=train or mode=lr_find")
+    if cfg.mode == "lr_find":
+        cfg = lr_find_config(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule, module = build_task(cfg)
     ckpt_path = ckpt_path or resume_checkpoint(run_dir, cfg.resume, cfg.ckpt_path, keep_old=rank_zero_only.rank == 0)
@@ -87,6 +93,11 @@ def build_trainer(
         metrics_file.modes[cfg.monitor.metric] = cfg.monitor.mode
         callbacks.append(best_checkpoint(run_dir, cfg.monitor.metric, cfg.monitor.mode))
     loggers = [build(node, f"logger.{name}") for name, node in (cfg.logger or {}).items() if _is_buildable(node)]
+    # The guard goes first: at the end of a bad batch it must act before any checkpoint is written.
+    callbacks = divergence_callbacks(OmegaConf.to_container(cfg.divergence, resolve=True)) + callbacks
+    if cfg.mode == "lr_find":
+        callbacks.append(build(OmegaConf.create({"_target_": f"{LRRangeTest.__module__}.LRRangeTest", **cfg.lr_find}),
+                               "lr_find"))
     pl_trainer = build(
         cfg.trainer,
         "trainer",

@@ -1,11 +1,13 @@
-"""Per-layer gradient norms (every `log_every_n_steps`) and histograms (every `histogram_every_n_steps`).
+"""Per-layer training health: gradient norms, parameter norms and update-to-weight ratios (every
+`log_every_n_steps`), gradient histograms (every `histogram_every_n_steps`).
 
-Hooked on `on_before_optimizer_step`, so it sees the gradients each optimizer is about to apply: after the
-DDP all-reduce, after unscaling in mixed precision, and per network for GANs (the generator's optimizer
-only holds generator parameters). Steps that log nothing cost one integer comparison.
+Hooked on each optimizer step, so it sees the gradients each optimizer is about to apply: after the DDP
+all-reduce, after unscaling in mixed precision, and per network for GANs (the generator's optimizer only
+holds generator parameters). On a logging step the norms are computed with fused `_foreach` kernels and
+collected on the device; one host sync at the end of the batch reads them all. Other steps cost one
+integer comparison.
 """
 
-import math
 from collections import defaultdict
 from typing import Any
 
@@ -21,6 +23,13 @@ def layer_name(param_name: str) -> str:
     return param_name.rpartition(".")[0] or param_name
 
 
+def per_layer_norms(tensors: list[torch.Tensor], owners: torch.Tensor, num_layers: int) -> torch.Tensor:
+    """L2 norm per layer of tensors grouped by `owners` (layer index per tensor), plus the total at the end."""
+    norms = torch.stack(torch._foreach_norm(tensors)).float()
+    per_layer = torch.zeros(num_layers, device=norms.device).index_add_(0, owners, norms.square()).sqrt()
+    return torch.cat([per_layer, per_layer.square().sum().sqrt().view(1)])
+
+
 class GradientMonitor(L.Callback):
     def __init__(self, log_every_n_steps: int = 50, histogram_every_n_steps: int = 500, bins: int = 64):
         if log_every_n_steps < 1 or histogram_every_n_steps < 0:
@@ -29,6 +38,10 @@ class GradientMonitor(L.Callback):
         self.histogram_every_n_steps = histogram_every_n_steps
         self.bins = bins
         self._names: dict[torch.nn.Parameter, str] = {}
+        self._hooked: set[int] = set()
+        self._before_step: dict[int, tuple[list[str], torch.Tensor, list[torch.Tensor], list[torch.Tensor],
+                                           torch.Tensor]] = {}
+        self._pending: list[tuple[list[str], torch.Tensor]] = []
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._names = {p: layer_name(n) for n, p in pl_module.named_parameters()}
@@ -41,38 +54,62 @@ class GradientMonitor(L.Callback):
         log_hist = self.histogram_every_n_steps > 0 and step % self.histogram_every_n_steps == 0
         if not (log_norms or log_hist) or not trainer.loggers:
             return
-        layers = self._grads_by_layer(optimizer)
+        layers = self._params_by_layer(optimizer)
         if not layers:
             return
-        if log_norms:
-            metrics = self.layer_norms(layers)
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=step)
         if log_hist and trainer.is_global_zero:
-            self._log_histograms(trainer, layers, step)
+            self._log_histograms(trainer, {name: [p.grad for p in ps] for name, ps in layers.items()}, step)
+        if not log_norms:
+            return
+        names = list(layers)
+        network = _network(names)
+        params = [p for ps in layers.values() for p in ps]
+        owners = torch.repeat_interleave(
+            torch.arange(len(names)), torch.tensor([len(ps) for ps in layers.values()])
+        ).to(params[0].device)
+        keys = [f"grad_norm/{_panel(n)}" for n in names] + [f"grad_norm/{network}/total"]
+        keys += [f"param_norm/{_panel(n)}" for n in names] + [f"param_norm/{network}/total"]
+        grads = per_layer_norms([p.grad.detach() for p in params], owners, len(names))
+        weights = per_layer_norms([p.detach() for p in params], owners, len(names))
+        self._pending.append((keys, torch.cat([grads, weights])))
+        # The update is known after the step: keep the weights, and let the post-step hook finish.
+        before = torch._foreach_mul([p.detach() for p in params], 1.0)
+        self._before_step[id(optimizer)] = (names, owners, params, before, weights)
+        if id(optimizer) not in self._hooked:
+            optimizer.register_step_post_hook(self._after_step)
+            self._hooked.add(id(optimizer))
 
-    def _grads_by_layer(self, optimizer: torch.optim.Optimizer) -> dict[str, list[torch.Tensor]]:
-        layers: dict[str, list[torch.Tensor]] = defaultdict(list)
+    def _after_step(self, optimizer: torch.optim.Optimizer, *args: Any) -> None:
+        pending = self._before_step.pop(id(optimizer), None)
+        if pending is None:
+            return
+        names, owners, params, before, weights = pending
+        network = _network(names)
+        updates = per_layer_norms(torch._foreach_sub([p.detach() for p in params], before), owners, len(names))
+        keys = [f"update_ratio/{_panel(n)}" for n in names] + [f"update_ratio/{network}/total"]
+        self._pending.append((keys, updates / weights.clamp(min=1e-12)))
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if not self._pending:
+            return
+        keys = [k for ks, _ in self._pending for k in ks]
+        values = torch.cat([v for _, v in self._pending]).tolist()  # the one host sync of a logging step
+        self._pending.clear()
+        metrics = dict(zip(keys, values))
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=log_step(trainer))
+
+    def _params_by_layer(self, optimizer: torch.optim.Optimizer) -> dict[str, list[torch.nn.Parameter]]:
+        layers: dict[str, list[torch.nn.Parameter]] = defaultdict(list)
         for group in optimizer.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
-                    layers[self._names.get(p, "unnamed")].append(p.grad.detach())
+                    layers[self._names.get(p, "unnamed")].append(p)
         return layers
 
-    @staticmethod
-    def layer_norms(layers: dict[str, list[torch.Tensor]]) -> dict[str, float]:
-        """L2 norm per layer and of all layers together; one fused kernel and one host sync for all layers."""
-        grads = [g for gs in layers.values() for g in gs]
-        norms = torch.stack(torch._foreach_norm(grads)).float()
-        sizes = torch.tensor([len(gs) for gs in layers.values()], device=norms.device)
-        owner = torch.repeat_interleave(torch.arange(len(layers), device=norms.device), sizes)
-        per_layer = torch.zeros(len(layers), device=norms.device).index_add_(0, owner, norms.square()).sqrt()
-        values = torch.cat([per_layer, per_layer.square().sum().sqrt().view(1)]).tolist()
-        metrics = {f"grad_norm/{_panel(name)}": v for name, v in zip(layers, values)}
-        metrics[f"grad_norm/{_network(layers)}/total"] = values[-1]
-        return metrics
-
     def _log_histograms(self, trainer: L.Trainer, layers: dict[str, list[torch.Tensor]], step: int) -> None:
+        import math
+
         import wandb
 
         flats = [torch.cat([g.float().flatten() for g in grads]) for grads in layers.values()]
@@ -95,7 +132,7 @@ def _panel(layer: str) -> str:
     return layer.replace(".", "/", 1)
 
 
-def _network(layers: dict[str, list[torch.Tensor]]) -> str:
+def _network(layers: list[str]) -> str:
     """The top-level module that all of one optimizer's layers belong to ('generator'), else 'all'."""
     tops = {name.split(".", 1)[0] for name in layers}
     return tops.pop() if len(tops) == 1 else "all"

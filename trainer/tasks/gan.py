@@ -34,6 +34,7 @@ class DCGAN(L.LightningModule):
         noise = torch.randn(num_samples, self.latent_dim, generator=torch.Generator().manual_seed(0))
         self.register_buffer("sample_noise", noise)
         self._val_features: dict[str, list[torch.Tensor]] = {"real": [], "fake": []}
+        self.step_signals: dict[str, torch.Tensor] = {}
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         betas = (self.hparams.beta1, self.hparams.beta2)
@@ -63,9 +64,11 @@ class DCGAN(L.LightningModule):
         self.manual_backward(loss_g)
         opt_g.step()
 
+        # What the divergence guard watches every step; written to the loggers on logging steps.
+        self.step_signals = {"loss_d": loss_d.detach(), "loss_g": loss_g.detach(),
+                             "D_x": d_real.detach().sigmoid().mean(), "D_G_z": d_fake.detach().sigmoid().mean()}
         if is_logging_step(self.trainer):
-            self.log_dict({"train/loss_d": loss_d, "train/loss_g": loss_g}, prog_bar=True)
-            self.log_dict({"train/D_x": d_real.sigmoid().mean(), "train/D_G_z": d_fake.sigmoid().mean()})
+            self.log_dict({f"train/{k}": v for k, v in self.step_signals.items()})
 
     # -- validation: Fréchet distance of 8x8 pixel features, with noise fixed per batch index ----------
 

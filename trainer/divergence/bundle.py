@@ -1,0 +1,80 @@
+"""The divergence bundle: everything needed to re-run the step that went wrong, in one safe file.
+
+<run dir>/divergence/step<K>-<detector>/bundle.pt holds the offending batch, the model and optimizer states
+from before the bad update, the RNG states at the start of the batch (Python, NumPy, torch CPU and CUDA),
+step, epoch and batch index, the resolved config and the last metrics. It is written atomically and read
+with `weights_only=True`: tensors, numbers and strings only, no pickled code.
+"""
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.apply_func import apply_to_collection
+
+from trainer.checkpoint import SafeCheckpointIO
+from trainer.errors import UserError
+
+FORMAT = 1
+
+
+def bundle_dir(run_dir: str | Path, step: int, detector: str) -> Path:
+    return Path(run_dir) / "divergence" / f"step{step:06d}-{detector}"
+
+
+def to_cpu(tree: Any) -> Any:
+    return apply_to_collection(tree, torch.Tensor, lambda t: t.detach().cpu().clone())
+
+
+def write_bundle(
+    trainer: L.Trainer,
+    pl_module: L.LightningModule,
+    folder: Path,
+    *,
+    detection: dict[str, Any],
+    batch: Any,
+    rng: dict[str, Any],
+    batch_idx: int,
+    buffers_at_start: dict[str, torch.Tensor],
+) -> Path:
+    """Weights and optimizer states are read now, before the bad update; buffers that the forward pass has
+    already moved (BatchNorm statistics) are taken from the start of the batch."""
+    config_file = Path(trainer.default_root_dir) / "config.yaml"
+    config = config_file.read_text() if config_file.is_file() else ""
+    content = {
+        "format": FORMAT,
+        "detection": detection,
+        "step": detection["step"],
+        "global_step": trainer.global_step,
+        "epoch": trainer.current_epoch,
+        "batch_idx": batch_idx,
+        "state_dict": to_cpu({**pl_module.state_dict(), **buffers_at_start}),
+        "optimizer_states": [to_cpu(opt.state_dict()) for opt in trainer.optimizers],
+        "rng": to_cpu(rng),
+        "batch": to_cpu(batch),
+        "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+        "config": config,
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    SafeCheckpointIO().save_checkpoint(content, folder / "bundle.pt")
+    (folder / "config.yaml").write_text(config)
+    (folder / "README.txt").write_text(
+        f"{detection['reason']}\n\nReplay this step (on CPU, anywhere):\n    python -m trainer.replay {folder}\n"
+    )
+    return folder
+
+
+def load_bundle(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    file = path / "bundle.pt" if path.is_dir() else path
+    if not file.is_file():
+        raise UserError(f"no divergence bundle at {path}: pass a folder <run dir>/divergence/step...")
+    try:
+        content = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"divergence bundle {file} is corrupt or unsafe to load ({type(e).__name__}): "
+                        "it was cut short or is not a bundle") from None
+    if not isinstance(content, dict) or content.get("format") != FORMAT:
+        raise UserError(f"{file} is not a divergence bundle of format {FORMAT}")
+    return content

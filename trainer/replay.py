@@ -1,0 +1,180 @@
+"""`python -m trainer.replay BUNDLE [--lr LR] [--clip NORM] [--precision P]`: re-run the step that diverged.
+
+Loads a divergence bundle (see trainer/divergence/bundle.py), rebuilds the task from the bundle's config on
+this machine (CPU unless --device says otherwise), restores the weights, optimizer states and RNG states,
+and runs the task's own training step on the saved batch once, with hooks on every layer. It says whether
+the failure "reproduced" or "did not reproduce", names the first layer whose output or gradient went
+non-finite (or, for a spike, the layer whose gradient grew most relative to its weights), and prints a
+per-layer table. --lr, --clip and --precision re-run the step with a candidate fix.
+"""
+
+import argparse
+import math
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import OmegaConf
+
+from trainer.callbacks.gradients import layer_name
+from trainer.callbacks.rng import restore_rng
+from trainer.divergence.bundle import load_bundle
+from trainer.errors import UserError
+
+
+class ReplayProbe(L.Callback):
+    """Restores the bundle's optimizer and RNG state, applies the fix under test, and watches every layer."""
+
+    def __init__(self, bundle: dict[str, Any], lr: float | None, clip: float | None):
+        self.bundle, self.lr, self.clip = bundle, lr, clip
+        self.order: list[str] = []  # layers in the order their forward ran
+        self.output_max: dict[str, float] = {}
+        self.first_nonfinite_output: str | None = None
+        self.grad_norms: dict[str, float] = {}
+        self.param_norms: dict[str, float] = {}
+        self.losses: dict[str, float] = {}
+        self.recording = True  # only the replayed step: not the epoch-end work that follows it
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for optimizer, state in zip(trainer.optimizers, self.bundle["optimizer_states"], strict=True):
+            optimizer.load_state_dict(state)
+            for group in optimizer.param_groups:
+                if self.lr is not None:
+                    group["lr"] = self.lr
+            if self.clip is not None:
+                optimizer.register_step_pre_hook(self._clip)
+        for name, module in pl_module.named_modules():
+            if name and not list(module.children()):
+                module.register_forward_hook(self._watch_output(name))
+
+    def _clip(self, optimizer: torch.optim.Optimizer, *args: Any) -> None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, self.clip)
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        restore_rng(self.bundle["rng"])
+
+    def _watch_output(self, name: str):
+        def hook(module: torch.nn.Module, inputs: Any, output: Any) -> None:
+            if not self.recording or not isinstance(output, torch.Tensor):
+                return
+            largest = output.detach().abs().float().max().item() if output.numel() else 0.0
+            if name not in self.output_max:
+                self.order.append(name)
+            previous = self.output_max.get(name, 0.0)
+            if math.isfinite(previous):  # once non-finite, the layer's row shows it
+                self.output_max[name] = largest if not math.isfinite(largest) else max(previous, largest)
+            if not math.isfinite(largest) and self.first_nonfinite_output is None:
+                self.first_nonfinite_output = name
+
+        return hook
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        names = {p: n for n, p in pl_module.named_parameters()}
+        by_layer: dict[str, list[torch.Tensor]] = {}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    by_layer.setdefault(layer_name(names[p]), []).append(p)
+        for layer, params in by_layer.items():
+            self.grad_norms[layer] = torch.cat([p.grad.detach().float().flatten() for p in params]).norm().item()
+            self.param_norms[layer] = torch.cat([p.detach().float().flatten() for p in params]).norm().item()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any) -> None:
+        from trainer.divergence.guard import step_signals
+
+        self.losses = {k: float(v) for k, v in step_signals(pl_module, outputs).items() if k.startswith("loss")}
+        self.recording = False
+
+    def first_nonfinite_gradient(self) -> str | None:
+        """The layer nearest the loss (backward runs from there) whose gradient is non-finite."""
+        for layer in reversed(self.order):
+            if layer in self.grad_norms and not math.isfinite(self.grad_norms[layer]):
+                return layer
+        return None
+
+    def fastest_growing(self) -> str | None:
+        ratios = {k: g / max(self.param_norms[k], 1e-12) for k, g in self.grad_norms.items() if math.isfinite(g)}
+        return max(ratios, key=ratios.get) if ratios else None
+
+    def nonfinite(self) -> bool:
+        return (self.first_nonfinite_output is not None or self.first_nonfinite_gradient() is not None
+                or any(not math.isfinite(v) for v in self.losses.values()))
+
+
+def replay(path: str, lr: float | None = None, clip: float | None = None, precision: str = "32-true",
+           device: str = "cpu") -> tuple[bool, ReplayProbe, dict[str, Any]]:
+    """Re-runs the bundle's step; returns (reproduced, the probe with its readings, the bundle)."""
+    from trainer.run import build_task
+
+    bundle = load_bundle(path)
+    cfg = OmegaConf.create(bundle["config"])
+    if not cfg:
+        raise UserError(f"bundle {path} carries no config: it cannot be rebuilt")
+    cfg.perf.compile, cfg.perf.channels_last = False, False
+    _, module = build_task(cfg)
+    module.load_state_dict(bundle["state_dict"])
+    probe = ReplayProbe(bundle, lr, clip)
+    with tempfile.TemporaryDirectory(prefix="trainer-replay-") as scratch:
+        trainer = L.Trainer(
+            accelerator=device, devices=1, precision=precision, max_epochs=1, limit_train_batches=1,
+            limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, callbacks=[probe], default_root_dir=scratch,
+        )
+        batches = torch.utils.data.DataLoader([bundle["batch"]], batch_size=None)
+        trainer.fit(module, train_dataloaders=batches)
+    detection = bundle["detection"]
+    if detection["detector"] == "nonfinite":
+        reproduced = probe.nonfinite()
+    else:  # a spike or collapse: the same size of trouble again
+        seen = [*probe.losses.values(), *probe.grad_norms.values()]
+        reproduced = probe.nonfinite() or any(v >= 0.5 * abs(detection["value"]) for v in seen)
+    return reproduced, probe, bundle
+
+
+def report(reproduced: bool, probe: ReplayProbe, bundle: dict[str, Any], fix: str) -> str:
+    detection = bundle["detection"]
+    lines = [f"bundle: step {detection['step']} (epoch {bundle['epoch']}, batch {bundle['batch_idx']}): "
+             f"{detection['reason']}"]
+    lines.append(f"replayed on this machine{fix}: " + ("reproduced" if reproduced else "did not reproduce"))
+    if probe.first_nonfinite_output:
+        lines.append(f"first layer with a non-finite output: {probe.first_nonfinite_output}")
+    if probe.first_nonfinite_gradient():
+        lines.append(f"first layer with a non-finite gradient (from the loss back): {probe.first_nonfinite_gradient()}")
+    if not probe.nonfinite() and probe.fastest_growing():
+        lines.append(f"layer with the largest gradient for its weights: {probe.fastest_growing()}")
+    lines.append(f"losses: " + ", ".join(f"{k}={v:.4g}" for k, v in probe.losses.items()))
+    lines.append("")
+    lines.append(f"{'layer':40}{'max |output|':>14}{'grad norm':>14}{'weight norm':>14}")
+    for layer in probe.order:
+        row = [probe.output_max.get(layer), probe.grad_norms.get(layer), probe.param_norms.get(layer)]
+        lines.append(f"{layer:40}" + "".join(f"{v:14.4g}" if v is not None else f"{'-':>14}" for v in row))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer.replay", description=__doc__.split("\n")[0])
+    parser.add_argument("bundle", help="a <run dir>/divergence/step... folder (or its bundle.pt)")
+    parser.add_argument("--lr", type=float, help="re-run with this learning rate for every optimizer")
+    parser.add_argument("--clip", type=float, help="re-run with gradients clipped to this global norm")
+    parser.add_argument("--precision", default="32-true", help="re-run in this precision (e.g. bf16-mixed)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or gpu")
+    args = parser.parse_args(argv)
+    fix = "".join(f" with {k}={v}" for k, v in (("lr", args.lr), ("clip", args.clip)) if v is not None)
+    if args.precision != "32-true":
+        fix += f" in {args.precision}"
+    try:
+        reproduced, probe, bundle = replay(args.bundle, args.lr, args.clip, args.precision, args.device)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(report(reproduced, probe, bundle, fix))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
