@@ -92,11 +92,11 @@ def plain_loop(epochs: int) -> list[float]:
     return [b - a for a, b in zip(starts, starts[1:])][WARMUP:]
 
 
-def trainer_loop(epochs: int) -> list[float]:
+def trainer_loop(epochs: int, *overrides: str) -> list[float]:
     run_dir = Path(tempfile.mkdtemp())
     cfg = compose_config("+exp=dcgan", f"++trainer.max_epochs={epochs}", "++trainer.enable_progress_bar=false",
                          "++trainer.limit_val_batches=0", f"+callbacks.timer._target_={__name__}.StepTimer",
-                         run_dir=run_dir)
+                         *overrides, run_dir=run_dir)
     train(cfg)
     return StepTimer.instances[-1].step_times()
 
