@@ -8,14 +8,12 @@ the guard = non-finite, spike and collapse checks on every step. Same process, a
 Target: median step time with both on / both off <= 1.03.
 """
 
-import argparse
-import os
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_overhead import trainer_loop  # noqa: E402
+from bench_overhead import bench_args, trainer_loop  # noqa: E402
 
 SETUPS = {
     "monitoring and guard off": ["divergence=off", "~callbacks.gradients"],
@@ -24,12 +22,7 @@ SETUPS = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=3)
-    args = parser.parse_args()
-    os.environ.setdefault("WANDB_MODE", "offline")
-    os.environ.setdefault("WANDB_SILENT", "true")
+    args = bench_args(__doc__)
     steps: dict[str, list[float]] = {name: [] for name in SETUPS}
     for _ in range(args.rounds):
         for name, overrides in SETUPS.items():

@@ -113,14 +113,18 @@ def time_to_first_step(command: list[str], **env: str) -> float:
     return float(stamps[0]) - started
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=3)
-    args = parser.parse_args()
+def bench_args(doc: str, rounds: int = 3, epochs: int = 3) -> argparse.Namespace:
+    """--rounds and --epochs for a benchmark; W&B offline and quiet."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--epochs", type=int, default=epochs)
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
+    return parser.parse_args()
 
+
+def main() -> None:
+    args = bench_args(__doc__)
     plain, ours = [], []
     for _ in range(args.rounds):
         plain += plain_loop(args.epochs)

@@ -5,12 +5,11 @@ process (Ray gives each 1-CPU worker OMP_NUM_THREADS=1; the DDP run gets the sam
 Each reports the wall time between consecutive batch starts on rank 0, and the time from the command to
 its first training step.
 
-    python scripts/bench_ray.py [--rounds 2] [--epochs 3]
+    python scripts/bench_ray.py [--rounds 3] [--epochs 4]
 
 Target: median(Ray step) / median(DDP step) <= 1.05.
 """
 
-import argparse
 import json
 import statistics
 import sys
@@ -18,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_overhead import time_to_first_step  # noqa: E402
+from bench_overhead import bench_args, time_to_first_step  # noqa: E402
 
 LAUNCHERS = {
     "Lightning DDP, 2 processes": ["trainer=ddp_cpu"],
@@ -39,10 +38,7 @@ def run(launcher_args: list[str], epochs: int) -> tuple[list[float], float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=3)
-    args = parser.parse_args()
+    args = bench_args(__doc__, rounds=3, epochs=4)
     steps: dict[str, list[float]] = {name: [] for name in LAUNCHERS}
     firsts: dict[str, list[float]] = {name: [] for name in LAUNCHERS}
     for _ in range(args.rounds):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_DCGAN, cli_env, compose_config, run_cli
+from wandb_offline import find_runs, read_run
 
 from trainer.divergence.bundle import load_bundle
 from trainer.divergence.checks import InitialLossCheck, gradient_check
@@ -42,6 +43,8 @@ def test_a_poisoned_batch_halts_at_its_step_and_replays_anywhere(tmp_path: Path,
     assert {"python", "numpy", "torch"} <= content["rng"].keys()
     assert all(torch.isfinite(v).all() for v in content["state_dict"].values())  # from before the bad update
     assert len(content["optimizer_states"]) == 2 and "name: dcgan" in content["config"]
+    (wandb_run,) = find_runs(run_dir / "wandb")
+    assert any(a["type"] == "divergence" for a in read_run(wandb_run, strict=False).artifacts)
 
     replayed = subprocess.run([sys.executable, "-m", "trainer.replay", str(bundle)], env=cli_env(home),
                               capture_output=True, text=True, timeout=120)
@@ -75,8 +78,8 @@ def test_spike_bundle_replays_and_a_lower_lr_is_checked(tmp_path: Path) -> None:
     bundle = Path(detected[0]["bundle"])
     reproduced, probe, _ = replay(str(bundle))
     assert reproduced
-    _, probe_low_lr, _ = replay(str(bundle), lr=1e-6, clip=1.0)
-    assert probe_low_lr.losses  # the fix under test ran the same step
+    _, probe_low_lr, _ = replay(str(bundle), lr=1e-6, clip=1.0, precision="bf16-mixed")
+    assert probe_low_lr.losses and probe_low_lr.order == probe.order  # the fix under test ran the same step
 
 
 def test_skip_drops_the_bad_update_and_finishes_with_finite_weights(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@
   grades the relative error: < 1e-7 good, < 1e-5 fine (kinks such as ReLU), < 1e-3 suspicious, else wrong.
 """
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,7 +60,7 @@ def gradient_check(
     seed: int = 0,
 ) -> list[GradCheckResult]:
     """Relative error between analytic and numerical gradients for a sample of each parameter's entries."""
-    module = _double_copy(module)
+    module = copy.deepcopy(module).double()
     inputs = tuple(x.double() if x.is_floating_point() else x for x in inputs)
 
     def loss() -> torch.Tensor:
@@ -85,8 +86,3 @@ def gradient_check(
             results.append(GradCheckResult(name, worst))
     return results
 
-
-def _double_copy(module: torch.nn.Module) -> torch.nn.Module:
-    import copy
-
-    return copy.deepcopy(module).double()
