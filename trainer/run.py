@@ -12,6 +12,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -98,6 +99,8 @@ def build_trainer(
     if cfg.mode == "lr_find":
         callbacks.append(build(OmegaConf.create({"_target_": f"{LRRangeTest.__module__}.LRRangeTest", **cfg.lr_find}),
                                "lr_find"))
+    if not plugins and SLURMEnvironment.detect():
+        plugins = [SLURMEnvironment(auto_requeue=False)]  # requeueing is the Preemption callback's job
     pl_trainer = build(
         cfg.trainer,
         "trainer",

@@ -92,7 +92,8 @@ class RayLauncher:
         if ray.is_initialized():
             return
         if self.address is None:
-            ray.init(include_dashboard=False, configure_logging=False)
+            # "local": always a new cluster, even when `ray start` left one running on this machine.
+            ray.init(address="local", include_dashboard=False, configure_logging=False)
             return
         if self.address not in ("auto",) and not self.address.startswith("ray://"):
             host, _, port = self.address.rpartition(":")
