@@ -27,6 +27,7 @@ def slurm() -> None:
         pytest.skip(f"no SLURM cluster on this machine: {started.stdout.strip() or started.stderr.strip()}")
     yield
     subprocess.run(["scancel", "--user=root"], check=False)
+    subprocess.run([str(REPO / "scripts" / "slurm_local.sh"), "stop"], check=False)
 
 
 def submitted_job(result: subprocess.CompletedProcess) -> str:
