@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, TINY_DCGAN, cli_env, run_cli
+from conftest import REPO, TINY_DCGAN, run_cli
 from wandb_offline import find_runs, read_run
 
 SLOW_DCGAN = [

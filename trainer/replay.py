@@ -12,7 +12,6 @@ import argparse
 import math
 import sys
 import tempfile
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -147,7 +146,7 @@ def report(reproduced: bool, probe: ReplayProbe, bundle: dict[str, Any], fix: st
         lines.append(f"first layer with a non-finite gradient (from the loss back): {probe.first_nonfinite_gradient()}")
     if not probe.nonfinite() and probe.fastest_growing():
         lines.append(f"layer with the largest gradient for its weights: {probe.fastest_growing()}")
-    lines.append(f"losses: " + ", ".join(f"{k}={v:.4g}" for k, v in probe.losses.items()))
+    lines.append("losses: " + ", ".join(f"{k}={v:.4g}" for k, v in probe.losses.items()))
     lines.append("")
     lines.append(f"{'layer':40}{'max |output|':>14}{'grad norm':>14}{'weight norm':>14}")
     for layer in probe.order:

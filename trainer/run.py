@@ -118,7 +118,7 @@ def best_checkpoint(run_dir: Path, metric: str, mode: str) -> ModelCheckpoint:
         raise UserError(f"monitor.mode={mode} is not an option: use min or max")
     return ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
-        filename=f"best-epoch{{epoch:03d}}-step{{step:06d}}",
+        filename="best-epoch{epoch:03d}-step{step:06d}",
         auto_insert_metric_name=False,
         monitor=metric,
         mode=mode,
