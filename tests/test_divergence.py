@@ -130,6 +130,13 @@ def test_spike_detector_stays_quiet_on_a_noisy_healthy_curve_and_catches_a_spike
     assert detector.update(float("nan")) is None  # non-finite is the other detector's business
 
 
+def test_a_lasting_change_of_level_stops_alarming_after_patience() -> None:
+    detector = RollingZScore(window=50, warmup=10, threshold=6.0, patience=5)
+    series = [1.0 + 0.01 * (i % 7) for i in range(100)] + [5.0 + 0.01 * (i % 7) for i in range(200)]
+    flags = [i for i, v in enumerate(series) if detector.update(v) is not None]
+    assert flags[0] == 100 and len(flags) < 15  # the new level becomes the normal one
+
+
 def test_collapse_needs_the_discriminator_to_win_for_k_steps() -> None:
     detector = CollapseDetector(steps=3)
     assert not detector.update(0.005, 0.999, 0.001) and not detector.update(0.005, 0.999, 0.001)

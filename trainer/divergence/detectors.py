@@ -8,14 +8,16 @@ class RollingZScore:
     """Flags a value more than `threshold` standard deviations above the mean of the last `window` values.
 
     Nothing is flagged before `warmup` values have been seen. Flagged and non-finite values stay out of the
-    window, so one spike does not teach the detector that spikes are normal.
+    window, so one spike does not teach the detector that spikes are normal; after `patience` flagged values
+    in a row they go in, so a lasting change of level becomes the new normal instead of an endless alarm.
     """
 
-    def __init__(self, window: int = 200, warmup: int = 50, threshold: float = 6.0):
+    def __init__(self, window: int = 200, warmup: int = 50, threshold: float = 6.0, patience: int = 10):
         if not 2 <= warmup <= window:
             raise ValueError(f"need 2 <= warmup <= window, got warmup={warmup}, window={window}")
-        self.window, self.warmup, self.threshold = window, warmup, threshold
+        self.window, self.warmup, self.threshold, self.patience = window, warmup, threshold, patience
         self.values: deque[float] = deque(maxlen=window)
+        self.streak = 0
 
     def update(self, value: float) -> float | None:
         """The z-score of `value` if it is a spike, else None."""
@@ -26,7 +28,11 @@ class RollingZScore:
             std = math.sqrt(sum((v - mean) ** 2 for v in self.values) / (len(self.values) - 1))
             z = (value - mean) / max(std, 1e-12 * max(1.0, abs(mean)))
             if z > self.threshold:
+                self.streak += 1
+                if self.streak >= self.patience:
+                    self.values.append(value)
                 return z
+        self.streak = 0
         self.values.append(value)
         return None
 

@@ -63,7 +63,7 @@ class DivergenceGuard(L.Callback):
             if chosen not in ACTIONS:
                 raise UserError(f"divergence.{name}.action={chosen} is not one of {', '.join(ACTIONS)}")
         self.enabled = {name: s.get("enabled", True) for name, s in settings.items()}
-        spike_args = {k: v for k, v in settings["spike"].items() if k in ("window", "warmup", "threshold")}
+        spike_args = {k: v for k, v in settings["spike"].items() if k in ("window", "warmup", "patience")}
         if "z_threshold" in settings["spike"]:
             spike_args["threshold"] = settings["spike"]["z_threshold"]
         self.spikes: dict[str, RollingZScore] = defaultdict(lambda: RollingZScore(**spike_args))
@@ -82,6 +82,7 @@ class DivergenceGuard(L.Callback):
         self._buffers: list[torch.Tensor] = []
         self._acted_at = -1
         self._rollback_pending = False
+        self._quiet_until: dict[str, int] = {}  # a spike episode is reported once per window
 
     # -- hooks --------------------------------------------------------------------------------------
 
@@ -114,7 +115,7 @@ class DivergenceGuard(L.Callback):
                 self._detect(trainer, pl_module, "nonfinite", f"non-finite gradients in {network} "
                              f"({len(layers)} layers: {', '.join(layers[:3])}{', ...' if len(layers) > 3 else ''})", total, optimizer)
             return
-        z = self.spikes[f"grad_norm/{network}"].update(total) if self.enabled["spike"] else None
+        z = self._spike(trainer, f"grad_norm/{network}", total)
         if z is not None:
             window = self.spikes[f"grad_norm/{network}"].window
             self._detect(trainer, pl_module, "spike", f"gradient norm of {network} is {total:.4g}, "
@@ -141,7 +142,7 @@ class DivergenceGuard(L.Callback):
             if not math.isfinite(value):
                 if self.enabled["nonfinite"]:
                     self._detect(trainer, pl_module, "nonfinite", f"{name} is {value}", value)
-            elif self.enabled["spike"] and (z := self.spikes[name].update(value)) is not None:
+            elif (z := self._spike(trainer, name, value)) is not None:
                 self._detect(trainer, pl_module, "spike", f"{name} is {value:.4g}, {z:.1f} standard deviations "
                              f"above its last {self.spikes[name].window} steps", value)
         if self.enabled["collapse"] and {"loss_d", "D_x", "D_G_z"} <= readings.keys():
@@ -150,6 +151,17 @@ class DivergenceGuard(L.Callback):
                              f"{self.collapse.steps} steps (D(x)={readings['D_x']:.3f}, "
                              f"D(G(z))={readings['D_G_z']:.3f}): mode collapse", readings["loss_d"])
                 self.collapse.streak = 0
+
+    def _spike(self, trainer: L.Trainer, series: str, value: float) -> float | None:
+        """The z-score if `value` spikes and this series has not reported a spike within its window."""
+        if not self.enabled["spike"]:
+            return None
+        z = self.spikes[series].update(value)
+        step = log_step(trainer)
+        if z is None or step < self._quiet_until.get(series, 0):
+            return None
+        self._quiet_until[series] = step + self.spikes[series].window
+        return z
 
     # -- acting -------------------------------------------------------------------------------------
 
