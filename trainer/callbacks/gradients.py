@@ -8,6 +8,7 @@ collected on the device; one host sync at the end of the batch reads them all. O
 integer comparison.
 """
 
+import math
 from collections import defaultdict
 from typing import Any
 
@@ -108,8 +109,6 @@ class GradientMonitor(L.Callback):
         return layers
 
     def _log_histograms(self, trainer: L.Trainer, layers: dict[str, list[torch.Tensor]], step: int) -> None:
-        import math
-
         import wandb
 
         flats = [torch.cat([g.float().flatten() for g in grads]) for grads in layers.values()]

@@ -236,10 +236,11 @@ class DivergenceGuard(L.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {"rollbacks": self.rollbacks, "bundles_written": self.bundles_written,
-                "spikes": {k: d.state_dict() for k, d in self.spikes.items()}}
+                "spikes": {k: d.state_dict() for k, d in self.spikes.items()}, "quiet_until": self._quiet_until}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rollbacks, self.bundles_written = state["rollbacks"], state["bundles_written"]
+        self._quiet_until = dict(state.get("quiet_until", {}))
         for key, detector_state in state["spikes"].items():
             self.spikes[key].load_state_dict(detector_state)
 
