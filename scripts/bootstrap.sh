@@ -22,6 +22,9 @@ pip_install() {
 # torchvision is never installed: next to CPU torch it fails to import and breaks Lightning and Ray.
 pip_install "torch==2.13.0"
 pip_install -e "$root[dev]"
+# Hydra's Optuna sweeper still pins optuna<3, which Ray Tune's Optuna search cannot use; the sweeper runs on
+# optuna 4 (tests/test_sweeps.py), so it is installed without its pin.
+pip_install --no-deps "hydra-optuna-sweeper==1.3.0"
 if "$venv/bin/python" -c "import torchvision" 2>/dev/null; then
   echo "trainer: torchvision got installed by a dependency; remove it (pip uninstall torchvision)" >&2
   exit 1

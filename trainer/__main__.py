@@ -5,11 +5,15 @@ as one `error:` line and exit code 2; the override syntax errors that Hydra repo
 """
 
 import logging
+import math
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
@@ -24,20 +28,46 @@ def config_dir() -> str:
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
-def _hydra_main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> float | None:
+    """One run; in a multirun (`-m`), one trial, which returns the best value of `monitor.metric` to the sweeper."""
     from trainer.config import build
+    from trainer.divergence.guard import DivergenceHalt
+    from trainer.sweeps import sweep_group
 
     _tidy_logging()
+    in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
+    if in_sweep and not cfg.group:
+        cfg.group = sweep_group(cfg.name, HydraConfig.get().sweep.dir)
     try:
         launcher = build(cfg.launcher, "launcher")
-        launcher.launch(cfg)
+        metrics = launcher.launch(cfg)
+        return sweep_objective(cfg, metrics) if in_sweep else None
+    except DivergenceHalt as e:
+        if not in_sweep:
+            _fail(one_line(e))
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return math.nan  # a diverged trial is a result: Optuna records it as failed and the sweep goes on
     except UserError as e:
-        _fail(one_line(e))
+        _fail(one_line(e), in_sweep)
     except OmegaConfBaseException as e:  # a missing mandatory value (???), a broken interpolation
         key = getattr(e, "full_key", None)
-        _fail(f"config key {key}: {one_line(e)}" if key else one_line(e))
+        _fail(f"config key {key}: {one_line(e)}" if key else one_line(e), in_sweep)
     finally:
         print(f"trainer: run dir {cfg.get('run_dir', '?')}", file=sys.stderr)
+
+
+def sweep_objective(cfg: DictConfig, metrics: dict[str, Any]) -> float:
+    """What a trial hands the sweeper: the best value of `monitor.metric`, the one the best checkpoint holds."""
+    metric = cfg.monitor.metric
+    if metric is None:
+        raise UserError("a sweep optimizes monitor.metric, which is not set: set monitor.metric and monitor.mode "
+                        "(the hparams_search configs do)")
+    if metric not in metrics:
+        where = "launcher=slurm only submits; sweep on SLURM with hydra/launcher=submitit_slurm" if "job_id" in \
+            metrics else f"it logged {', '.join(sorted(metrics)) or 'nothing'}; check monitor.metric and that " \
+            "validation runs (trainer.limit_val_batches)"
+        raise UserError(f"the trial has no value of monitor.metric={metric} to return: {where}")
+    return float(metrics[metric]["best"])
 
 
 def _tidy_logging() -> None:
@@ -72,8 +102,14 @@ def one_line(error: BaseException) -> str:
     return lines[0].split("\n    full_key:")[0]
 
 
-def _fail(message: str) -> None:
+class TrialFailed(Exception):
+    """A sweep's trial ended with a user error: Hydra records it on the trial and the sweeper decides."""
+
+
+def _fail(message: str, in_sweep: bool = False) -> None:
     print(f"error: {message}", file=sys.stderr)
+    if in_sweep:
+        raise TrialFailed(message) from None
     sys.exit(2)
 
 

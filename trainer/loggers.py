@@ -52,6 +52,8 @@ def wandb_logger(
     mode: str = "auto",
     log_checkpoints: bool = True,
 ) -> WandbLogger:
+    if group and name:
+        name = f"{name}-{Path(run_dir).name}"  # a sweep's trials: dcgan-0, dcgan-1, ...
     pointer = Path(run_dir) / RUN_POINTER
     run_id = json.loads(pointer.read_text())["id"] if pointer.is_file() else new_run_id()
     mode = resolve_wandb_mode(mode)
