@@ -51,16 +51,21 @@ class RayLauncher:
         self.placement_strategy, self.connect_timeout_s = placement_strategy, connect_timeout_s
 
     def launch(self, cfg: DictConfig) -> dict[str, Any]:
-        if self.address is None:
-            # A cluster of this machine alone: bind it to loopback, not the machine's network address.
-            # (Ray reads this when it is imported, so before `import ray`.)
-            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        """Trains with Ray Train; with `mode=tune`, runs a Ray Tune sweep whose trials train that way."""
+        self.connect()
+        if cfg.mode == "tune":
+            from trainer.sweeps.tune import tune_sweep
+
+            return tune_sweep(self, cfg)
+        return self.fit(cfg)
+
+    def fit(self, cfg: DictConfig, callbacks: list[Any] | None = None) -> dict[str, Any]:
+        """One Ray Train run on the connected cluster; `callbacks` are Ray Train's (e.g. Tune's reporting)."""
         import ray
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
         run_dir = Path(cfg.run_dir).resolve()
-        self._connect()
         self._check_capacity(ray.cluster_resources())
         trainer = TorchTrainer(
             _worker_main,
@@ -77,6 +82,7 @@ class RayLauncher:
                 storage_path=str(Path(self.storage_path or run_dir / "ray").expanduser().resolve()),
                 failure_config=FailureConfig(max_failures=self.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
+                callbacks=callbacks,
             ),
         )
         result = trainer.fit()
@@ -86,14 +92,19 @@ class RayLauncher:
             write_json_atomic(run_dir / "metrics.json", metrics)
         return metrics
 
-    def _connect(self) -> None:
+    def connect(self) -> None:
+        if self.address is None:
+            # A cluster of this machine alone: bind it to loopback, not the machine's network address.
+            # (Ray reads this when it is imported, so before `import ray`.)
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         import ray
 
         if ray.is_initialized():
             return
         if self.address is None:
             # "local": always a new cluster, even when `ray start` left one running on this machine.
-            ray.init(address="local", include_dashboard=False, configure_logging=False)
+            # The dashboard serves Ray's state API, which Ray Train needs to clean up after a stopped run.
+            ray.init(address="local", include_dashboard=True, configure_logging=False)
             return
         if self.address not in ("auto",) and not self.address.startswith("ray://"):
             host, _, port = self.address.rpartition(":")
@@ -147,6 +158,8 @@ class ReportingLastCheckpoint(LastCheckpoint):
         metrics_file = next((cb for cb in trainer.callbacks if isinstance(cb, MetricsFile)), None)
         if metrics_file is not None:
             metrics["metrics_json"] = json.dumps(metrics_file.metrics)
+            # The current values too, for Ray Tune's schedulers (trainer/sweeps/tune.py).
+            metrics.update({name: entry["final"] for name, entry in metrics_file.metrics.items()})
         with tempfile.TemporaryDirectory(prefix="trainer-ray-ckpt-") as folder:
             _link_or_copy(self.dirpath / "last.ckpt", Path(folder) / "last.ckpt")
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
