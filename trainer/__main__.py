@@ -116,7 +116,11 @@ def _fail(message: str, in_sweep: bool = False) -> None:
 def main() -> None:
     if problem := unknown_choice(sys.argv[1:], Path(config_dir())):
         _fail(problem)
-    _hydra_main()
+    try:
+        _hydra_main()
+    except KeyboardInterrupt:  # Ctrl-C; what was saved stays, and the same command continues from it
+        print("trainer: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

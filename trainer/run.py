@@ -11,6 +11,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import Strategy
@@ -61,6 +62,12 @@ def train(
         logger.log_hyperparams({**resolved, "git": git_state()})
     try:
         pl_trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except MisconfigurationException as e:
+        if "could not find the monitored key" not in str(e):
+            raise
+        logged = str(e).split("returned metrics: ", 1)[-1].split(".", 1)[0]
+        raise UserError(f"monitor.metric={cfg.monitor.metric} is never logged by the task (it logs {logged}): "
+                        "set monitor.metric to one of those") from None
     finally:
         finish_wandb()
     return metrics_file.metrics

@@ -3,8 +3,8 @@ run dir, checks it with `sbatch --test-only`, submits it, and prints the job id 
 
 - One node: slurm/single_node.sbatch, one srun task per GPU running `launcher=local` (Lightning DDP over
   SLURM's tasks).
-- Several nodes: slurm/ray_multi_node.sbatch starts a Ray cluster in the allocation and runs the command with
-  `launcher=ray launcher.address=auto`.
+- Several nodes, or a Ray Tune sweep (mode=tune): slurm/ray_multi_node.sbatch starts a Ray cluster in the
+  allocation and runs the command with `launcher=ray launcher.address=auto`.
 - A list of runs (`slurm.sweep_file`): slurm/array.sbatch, one array task per line.
 Settings live under the top-level `slurm:` node (conf/launcher/slurm.yaml).
 """
@@ -87,6 +87,8 @@ def slurm_job(cfg: DictConfig) -> SlurmJob:
     node = cfg.get("slurm") or OmegaConf.create({})
     check_arguments(SlurmJob, node, "slurm")
     job = SlurmJob(**OmegaConf.to_container(node, resolve=True))
+    if cfg.mode == "tune" and job.via_ray is None:
+        job.via_ray = True  # a Tune sweep runs on a Ray cluster started in the job, on one node or several
     validate(cfg, job)
     return job
 
@@ -96,6 +98,8 @@ def validate(cfg: DictConfig, job: SlurmJob) -> None:
     if job.nodes < 1 or job.gpus_per_node < 0:
         raise UserError(f"slurm.nodes={job.nodes}, slurm.gpus_per_node={job.gpus_per_node}: need nodes >= 1, gpus >= 0")
     devices = cfg.trainer.get("devices", 1)
+    if cfg.mode == "tune" and job.via_ray is False:
+        raise UserError("mode=tune runs Ray Tune on a Ray cluster in the job: drop slurm.via_ray=false")
     if job.nodes > 1 and job.via_ray is False:
         raise UserError(f"slurm.nodes={job.nodes} with slurm.via_ray=false: several nodes run through Ray; "
                         "drop slurm.via_ray")

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
-from hydra.errors import OverrideParseException
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 from trainer.config import check_arguments
@@ -40,7 +40,8 @@ SCHEDULERS = ("asha", "fifo")
 @dataclass
 class TuneSettings:
     num_samples: int = 8  # trials
-    max_concurrent: int = 2  # trials at once; each needs launcher.num_workers x resources_per_worker
+    workers_per_trial: int = 1  # Ray Train workers of each trial (launcher.num_workers is for single runs)
+    max_concurrent: int = 2  # trials at once; each holds workers_per_trial x launcher.resources_per_worker
     search: str = "optuna"  # optuna (TPE) | random
     scheduler: str = "asha"  # asha: stop weak trials at each rung | fifo: every trial runs to the end
     grace_period: int = 1  # reports (epochs) every trial gets before ASHA may stop it
@@ -56,9 +57,10 @@ def tune_settings(cfg: DictConfig) -> TuneSettings:
         raise UserError(f"tune.search={settings.search} is not one of {', '.join(SEARCHES)}")
     if settings.scheduler not in SCHEDULERS:
         raise UserError(f"tune.scheduler={settings.scheduler} is not one of {', '.join(SCHEDULERS)}")
-    if settings.num_samples < 1 or settings.max_concurrent < 1:
-        raise UserError(f"tune.num_samples={settings.num_samples}, tune.max_concurrent={settings.max_concurrent}: "
-                        "both must be at least 1")
+    counts = {"num_samples": settings.num_samples, "max_concurrent": settings.max_concurrent,
+              "workers_per_trial": settings.workers_per_trial}
+    if min(counts.values()) < 1:
+        raise UserError(", ".join(f"tune.{k}={v}" for k, v in counts.items()) + ": each must be at least 1")
     if not settings.params:
         raise UserError("tune.params is empty: name the keys to search, e.g. tune.params={task.lr: "
                         "'tag(log, interval(1e-4, 1e-2))'}")
@@ -78,7 +80,7 @@ def search_space(params: dict[str, str], cfg: DictConfig) -> dict[str, Any]:
             raise UserError(f"tune.params: {key} is not a key of the config; check its spelling")
         try:
             value = parser.parse_override(f"{key}={text}").value()
-        except OverrideParseException as e:
+        except HydraException as e:
             raise UserError(f"tune.params.{key}={text} is not Hydra sweep syntax ({e}); use interval(a, b), "
                             "tag(log, interval(a, b)), choice(a, b) or range(a, b)") from None
         if isinstance(value, ChoiceSweep):
@@ -105,7 +107,7 @@ def tune_sweep(launcher: "RayLauncher", cfg: DictConfig) -> dict[str, Any]:
     sweep_dir = Path(cfg.run_dir).resolve()
     group = cfg.group or sweep_group(cfg.name, sweep_dir)
     trainable = tune.with_parameters(_run_trial, base=_trial_base(cfg, group), sweep_dir=str(sweep_dir),
-                                     launcher_settings=vars(launcher))
+                                     launcher_settings={**vars(launcher), "num_workers": settings.workers_per_trial})
     # A trial only waits for its Ray Train run, whose workers hold the CPUs and GPUs. Tune refuses an empty
     # request, and any CPU fraction would keep a worker's whole CPU from the next trial: one byte of memory.
     trainable = tune.with_resources(trainable, {"memory": 1})
@@ -132,13 +134,13 @@ def tune_sweep(launcher: "RayLauncher", cfg: DictConfig) -> dict[str, Any]:
             run_config=tune.RunConfig(name=state.name, storage_path=str(sweep_dir), verbose=1),
         )
     grid = tuner.fit()
-    epochs = cfg.trainer.get("max_epochs")
-    trials = [_record(result, cfg.monitor.metric, list(settings.params), epochs) for result in grid]
+    trials = [_record(result, cfg.monitor.metric, list(settings.params), cfg.trainer) for result in grid]
     logger = OmegaConf.select(cfg, "logger.wandb")
     wandb_settings = {key: logger.get(key) for key in ("project", "entity", "mode")} if logger else None
     best = summarize(sweep_dir, trials, cfg.monitor.metric, cfg.monitor.mode, wandb_settings, group)
     if any(t.status == "running" for t in trials):
         print("trainer: the sweep was interrupted; run the same command again to resume it")
+        raise KeyboardInterrupt
     return {} if best is None else _read_metrics(Path(best.run_dir))
 
 
@@ -197,7 +199,7 @@ def _scheduler(settings: TuneSettings, cfg: DictConfig) -> Any:
                          grace_period=settings.grace_period, reduction_factor=settings.reduction_factor)
 
 
-def _record(result: Any, metric: str, params: list[str], epochs: int | None) -> Trial:
+def _record(result: Any, metric: str, params: list[str], limits: DictConfig) -> Trial:
     """A trial's row of the results table, also written to its trial.json."""
     name = Path(result.path).name
     run_dir = Path(result.path).parent.parent / name
@@ -210,15 +212,19 @@ def _record(result: Any, metric: str, params: list[str], epochs: int | None) -> 
         status = "diverged"
     elif not last.get("done"):
         status = "running"  # the sweep was interrupted
-    elif epochs and last.get("training_iteration", 0) < epochs:
-        status = "stopped early"
     else:
-        status = "completed"
+        status = "completed" if _ran_to_the_end(last, limits) else "stopped early"
     config = result.config or {}
     trial = Trial(name=name, run_dir=str(run_dir), status=status, value=value, steps=last.get("global_step"),
                   params={p: config.get(p) for p in params}, error=error)
     write_trial(run_dir, status=status, value=value, steps=trial.steps, error=error)
     return trial
+
+
+def _ran_to_the_end(last: dict[str, Any], limits: DictConfig) -> bool:
+    """Whether the trial's last report came from its last epoch or step (`trainer.max_epochs`/`max_steps`)."""
+    max_epochs, max_steps = limits.get("max_epochs") or 0, limits.get("max_steps") or -1
+    return last.get("epoch", -1) + 1 >= max_epochs or (max_steps > 0 and last.get("global_step", 0) >= max_steps)
 
 
 def _read_metrics(run_dir: Path) -> dict[str, Any]:
