@@ -163,3 +163,37 @@ def test_a_multirun_sweep_through_hydras_submitit_launcher(slurm, tmp_path: Path
         assert json.loads((sweep_dir / trial / "metrics.json").read_text())["train/loss_d"]["final"] > 0
         # submitit owns requeueing on its USR2; Lightning's own SLURM requeue handler stays off.
         assert "auto-requeueing enabled" not in (sweep_dir / trial / "train.log").read_text()
+
+
+def test_an_optuna_sweep_runs_each_batch_of_trials_as_a_job_array(slurm, tmp_path: Path, home: Path) -> None:
+    sweep_dir = tmp_path / "sweep"
+    result = run_cli("-m", *TINY_DCGAN, "++trainer.max_epochs=1", "logger=none", "hparams_search=dcgan_optuna",
+                     "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2", "hydra/launcher=submitit_slurm",
+                     "hydra.launcher.timeout_min=10", "hydra.launcher.cpus_per_task=1",
+                     f"hydra.sweep.dir={sweep_dir}", home=home, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for trial in ("0", "1"):
+        assert json.loads((sweep_dir / trial / "trial.json").read_text())["status"] == "completed"
+    # One array of two tasks: submitit's folders are <array job id>_<task index>.
+    folders = sorted(p.name for p in (sweep_dir / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", p.name))
+    assert len(folders) == 2 and len({f.split("_")[0] for f in folders}) == 1, folders
+    best = yaml.safe_load((sweep_dir / "best.yaml").read_text())
+    assert best["trial"] in ("0", "1") and "trial" in (sweep_dir / "results.csv").read_text()
+
+
+def test_a_tune_sweep_runs_as_one_job_on_a_ray_cluster_in_the_allocation(slurm, tmp_path: Path,
+                                                                         home: Path) -> None:
+    run_dir = tmp_path / "sweep"
+    result = run_cli(*TINY_DCGAN, "++trainer.max_epochs=1", "logger=none", "hparams_search=dcgan_asha",
+                     "tune.num_samples=2", "tune.scheduler=fifo", "launcher=slurm", "slurm.ray_head_ip=127.0.0.1",
+                     f"hydra.run.dir={run_dir}", home=home)
+    job = submitted_job(result)
+    state = wait_for_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 400)
+    log = (run_dir / "slurm" / f"job-{job}.log").read_text()
+    assert state == "COMPLETED", log[-3000:]
+    assert "Ray head" in log and "trial-00001" in log
+    for trial in ("trial-00000", "trial-00001"):
+        assert json.loads((run_dir / trial / "trial.json").read_text())["status"] == "completed"
+        assert last_step(run_dir / trial) == 8
+    assert (run_dir / "best_config.yaml").is_file()
+    wait_until_gone(job, 120)

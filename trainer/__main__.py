@@ -62,11 +62,12 @@ def sweep_objective(cfg: DictConfig, metrics: dict[str, Any]) -> float:
     if metric is None:
         raise UserError("a sweep optimizes monitor.metric, which is not set: set monitor.metric and monitor.mode "
                         "(the hparams_search configs do)")
+    if "job_id" in metrics:
+        raise UserError("launcher=slurm submits and returns at once, with nothing to hand the sweeper: "
+                        "sweep on SLURM with hydra/launcher=submitit_slurm")
     if metric not in metrics:
-        where = "launcher=slurm only submits; sweep on SLURM with hydra/launcher=submitit_slurm" if "job_id" in \
-            metrics else f"it logged {', '.join(sorted(metrics)) or 'nothing'}; check monitor.metric and that " \
-            "validation runs (trainer.limit_val_batches)"
-        raise UserError(f"the trial has no value of monitor.metric={metric} to return: {where}")
+        raise UserError(f"the trial has no value of monitor.metric={metric} to return (it logged "
+                        f"{', '.join(sorted(metrics)) or 'nothing'}): check that validation runs")
     return float(metrics[metric]["best"])
 
 

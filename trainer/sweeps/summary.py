@@ -129,8 +129,8 @@ class SweepSummary(Callback):
         run_dir = Path(config.hydra.runtime.output_dir)
         if job_return.status != JobStatus.COMPLETED:
             try:
-                job_return.return_value  # re-raises the trial's exception
-            except Exception as e:
+                _ = job_return.return_value  # Hydra hands a failed trial's exception back only by raising it
+            except Exception as e:  # noqa: BLE001
                 write_trial(run_dir, status="failed", error=str(e))
             return
         value = job_return.return_value  # NaN: the divergence guard halted the trial

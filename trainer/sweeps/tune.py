@@ -14,10 +14,10 @@ command again with the same run dir resumes an interrupted sweep: finished trial
 ones continue from their last checkpoint.
 """
 
-import math
+import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 SEARCHES = ("optuna", "random")
 SCHEDULERS = ("asha", "fifo")
+_MISSING = object()
 
 
 @dataclass
@@ -134,11 +135,15 @@ def tune_sweep(launcher: "RayLauncher", cfg: DictConfig) -> dict[str, Any]:
             run_config=tune.RunConfig(name=state.name, storage_path=str(sweep_dir), verbose=1),
         )
     grid = tuner.fit()
-    trials = [_record(result, cfg.monitor.metric, list(settings.params), cfg.trainer) for result in grid]
+    # Ctrl-C ends fit() early; the state Tune saved then still shows the unfinished trials.
+    saved = tune.ExperimentAnalysis(str(state)).trials
+    unfinished = {Path(t.path).name for t in saved if t.status not in ("TERMINATED", "ERROR")}
+    finished = not unfinished and len(saved) >= settings.num_samples
+    trials = [_record(result, cfg.monitor.metric, list(settings.params), cfg.trainer, unfinished) for result in grid]
     logger = OmegaConf.select(cfg, "logger.wandb")
     wandb_settings = {key: logger.get(key) for key in ("project", "entity", "mode")} if logger else None
     best = summarize(sweep_dir, trials, cfg.monitor.metric, cfg.monitor.mode, wandb_settings, group)
-    if any(t.status == "running" for t in trials):
+    if not finished:
         print("trainer: the sweep was interrupted; run the same command again to resume it")
         raise KeyboardInterrupt
     return {} if best is None else _read_metrics(Path(best.run_dir))
@@ -199,7 +204,7 @@ def _scheduler(settings: TuneSettings, cfg: DictConfig) -> Any:
                          grace_period=settings.grace_period, reduction_factor=settings.reduction_factor)
 
 
-def _record(result: Any, metric: str, params: list[str], limits: DictConfig) -> Trial:
+def _record(result: Any, metric: str, params: list[str], limits: DictConfig, unfinished: set[str]) -> Trial:
     """A trial's row of the results table, also written to its trial.json."""
     name = Path(result.path).name
     run_dir = Path(result.path).parent.parent / name
@@ -207,13 +212,13 @@ def _record(result: Any, metric: str, params: list[str], limits: DictConfig) -> 
     value = _read_metrics(run_dir).get(metric, {}).get("best")
     error = str(result.error).strip().splitlines()[-1] if result.error is not None else None
     if error:
-        status = "failed"
-    elif value is not None and not math.isfinite(value):
-        status = "diverged"
-    elif not last.get("done"):
-        status = "running"  # the sweep was interrupted
+        status = "failed"  # a divergence halt too: its error names the bundle
+    elif name in unfinished:
+        status = "running"
+    elif _ran_to_the_end(last, limits):
+        status = "completed"
     else:
-        status = "completed" if _ran_to_the_end(last, limits) else "stopped early"
+        status = "stopped early"
     config = result.config or {}
     trial = Trial(name=name, run_dir=str(run_dir), status=status, value=value, steps=last.get("global_step"),
                   params={p: config.get(p) for p in params}, error=error)
@@ -228,8 +233,6 @@ def _ran_to_the_end(last: dict[str, Any], limits: DictConfig) -> bool:
 
 
 def _read_metrics(run_dir: Path) -> dict[str, Any]:
-    import json
-
     path = run_dir / "metrics.json"
     return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -241,5 +244,3 @@ def _range_values(sweep: RangeSweep) -> list[Any]:
         value += sweep.step
     return values
 
-
-_MISSING = object()
