@@ -184,14 +184,15 @@ def test_an_optuna_sweep_runs_each_batch_of_trials_as_a_job_array(slurm, tmp_pat
 def test_a_tune_sweep_runs_as_one_job_on_a_ray_cluster_in_the_allocation(slurm, tmp_path: Path,
                                                                          home: Path) -> None:
     run_dir = tmp_path / "sweep"
+    # Each trial a two-worker Ray Train run (DDP), one trial at a time on the job's two CPUs.
     result = run_cli(*TINY_DCGAN, "++trainer.max_epochs=1", "logger=none", "hparams_search=dcgan_asha",
-                     "tune.num_samples=2", "tune.scheduler=fifo", "launcher=slurm", "slurm.ray_head_ip=127.0.0.1",
-                     f"hydra.run.dir={run_dir}", home=home)
+                     "tune.num_samples=2", "tune.scheduler=fifo", "tune.workers_per_trial=2", "tune.max_concurrent=1",
+                     "launcher=slurm", "slurm.ray_head_ip=127.0.0.1", f"hydra.run.dir={run_dir}", home=home)
     job = submitted_job(result)
     state = wait_for_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 400)
     log = (run_dir / "slurm" / f"job-{job}.log").read_text()
     assert state == "COMPLETED", log[-3000:]
-    assert "Ray head" in log and "trial-00001" in log
+    assert "Ray head" in log and "trial-00001" in log and "world_size=2" in log
     for trial in ("trial-00000", "trial-00001"):
         assert json.loads((run_dir / trial / "trial.json").read_text())["status"] == "completed"
         assert last_step(run_dir / trial) == 8
