@@ -184,3 +184,10 @@ def test_an_interrupted_tune_sweep_resumes_where_it_stopped(tmp_path: Path, home
         assert last_step(run_dir / name) == 3 * 8 * 2
     runs = [read_run(p, strict=False) for p in find_runs(run_dir / "trial-00001" / "wandb")]
     assert len(runs) == 2 and len({r.run_id for r in runs}) == 1  # the resumed trial continued its W&B run
+
+
+def test_a_tune_sweep_outside_ray_is_refused_with_the_fix(tmp_path: Path, home: Path) -> None:
+    result = run_cli("+exp=dcgan", "hparams_search=dcgan_asha", "launcher=local", f"hydra.run.dir={tmp_path}",
+                     home=home)
+    assert result.returncode == 2
+    assert "error: mode=tune is a Ray Tune sweep and runs on Ray: use launcher=ray or launcher=slurm" in result.stderr

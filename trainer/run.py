@@ -41,8 +41,10 @@ def train(
     Launchers pass what their cluster needs: a `strategy` and environment `plugins` that replace the
     config's, a `ckpt_path` that wins over the run dir's own last checkpoint, and a `prepare` step."""
     run_dir = Path(cfg.run_dir)
+    if cfg.mode == "tune":
+        raise UserError("mode=tune is a Ray Tune sweep and runs on Ray: use launcher=ray or launcher=slurm")
     if cfg.mode not in ("train", "lr_find"):
-        raise UserError(f"mode={cfg.mode} is not an option: use mode=train or mode=lr_find")
+        raise UserError(f"mode={cfg.mode} is not an option: use mode=train, lr_find or tune")
     if cfg.mode == "lr_find":
         cfg = lr_find_config(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)

@@ -145,10 +145,14 @@ class SweepSummary(Callback):
         if not params:  # a plain multirun (a=1,2 b=3,4): the keys it sweeps over
             parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
             params = [o.key_or_group for o in parsed if o.is_sweep_override()]
-        wandb = OmegaConf.select(config, "logger.wandb")
-        settings = {key: wandb.get(key) for key in ("project", "entity", "mode")} if wandb else None
         summarize(sweep_dir, read_trials(sweep_dir, params), config.monitor.metric, config.monitor.mode,
-                  wandb_settings=settings, group=config.group or sweep_group(config.name, sweep_dir))
+                  wandb_settings=wandb_settings(config), group=config.group or sweep_group(config.name, sweep_dir))
+
+
+def wandb_settings(config: DictConfig) -> dict[str, Any] | None:
+    """Where the summary run goes: the project, entity and mode of the sweep's W&B logger, if it has one."""
+    logger = OmegaConf.select(config, "logger.wandb")
+    return {key: logger.get(key) for key in ("project", "entity", "mode")} if logger else None
 
 
 def _select(config: dict[str, Any], dotted: str) -> Any:

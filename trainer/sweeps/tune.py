@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from trainer.config import check_arguments
 from trainer.errors import UserError
 from trainer.sweeps import sweep_group
-from trainer.sweeps.summary import Trial, summarize, write_trial
+from trainer.sweeps.summary import Trial, summarize, wandb_settings, write_trial
 
 if TYPE_CHECKING:
     from trainer.launchers.ray import RayLauncher
@@ -140,9 +140,7 @@ def tune_sweep(launcher: "RayLauncher", cfg: DictConfig) -> dict[str, Any]:
     unfinished = {Path(t.path).name for t in saved if t.status not in ("TERMINATED", "ERROR")}
     finished = not unfinished and len(saved) >= settings.num_samples
     trials = [_record(result, cfg.monitor.metric, list(settings.params), cfg.trainer, unfinished) for result in grid]
-    logger = OmegaConf.select(cfg, "logger.wandb")
-    wandb_settings = {key: logger.get(key) for key in ("project", "entity", "mode")} if logger else None
-    best = summarize(sweep_dir, trials, cfg.monitor.metric, cfg.monitor.mode, wandb_settings, group)
+    best = summarize(sweep_dir, trials, cfg.monitor.metric, cfg.monitor.mode, wandb_settings(cfg), group)
     if not finished:
         print("trainer: the sweep was interrupted; run the same command again to resume it")
         raise KeyboardInterrupt
