@@ -150,8 +150,10 @@ def test_asha_stops_weak_trials_early_and_they_really_run_fewer_steps(tmp_path: 
     assert best["trial"] == min(values, key=values.get)
     assert OmegaConf.load(run_dir / "best_config.yaml").task.lr == best["params"]["task.lr"]
     assert "stopped early" in result.stdout and "trial-00003" in (run_dir / "results.csv").read_text()
-    for name in names:  # each trial its own W&B run, in the sweep's group
+    for name in names:  # each trial its own W&B run, in the sweep's group, and the table in one more
         assert wandb_run(run_dir / name).group == "dcgan-sweep"
+    summary = wandb_run(run_dir)
+    assert summary.group == "dcgan-sweep" and summary.summary["best/trial"] == best["trial"]
 
 
 def test_an_interrupted_tune_sweep_resumes_where_it_stopped(tmp_path: Path, home: Path) -> None:
