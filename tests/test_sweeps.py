@@ -1,6 +1,7 @@
 """Sweeps: Optuna through Hydra multirun, and Ray Tune with ASHA on a real local Ray cluster."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -154,6 +155,18 @@ def test_asha_stops_weak_trials_early_and_they_really_run_fewer_steps(tmp_path: 
         assert wandb_run(run_dir / name).group == "dcgan-sweep"
     summary = wandb_run(run_dir)
     assert summary.group == "dcgan-sweep" and summary.summary["best/trial"] == best["trial"]
+
+
+def test_tune_runs_trials_at_once(tmp_path: Path, home: Path) -> None:
+    run_dir = tmp_path / "sweep"
+    result = run_cli(*TINY_TUNE, "++trainer.max_epochs=1", "logger=none", "tune.scheduler=fifo", "tune.num_samples=2",
+                     "tune.max_concurrent=2", f"hydra.run.dir={run_dir}", home=home, timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    events = re.findall(r"Trial (trial-\d+) (started|completed)", result.stdout)
+    first_done = next(i for i, (_, what) in enumerate(events) if what == "completed")
+    assert {name for name, what in events[:first_done] if what == "started"} == {"trial-00000", "trial-00001"}
+    for name in ("trial-00000", "trial-00001"):
+        assert last_step(run_dir / name) == 4 * 2
 
 
 def test_an_interrupted_tune_sweep_resumes_where_it_stopped(tmp_path: Path, home: Path) -> None:
