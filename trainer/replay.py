@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from omegaconf import OmegaConf
 
-from trainer.callbacks.gradients import layer_name
+from trainer.callbacks.gradients import layer_name, layer_owners, params_by_layer, per_layer_norms
 from trainer.callbacks.rng import restore_rng
 from trainer.divergence.bundle import load_bundle
 from trainer.errors import UserError
@@ -73,15 +73,15 @@ class ReplayProbe(L.Callback):
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
-        names = {p: n for n, p in pl_module.named_parameters()}
-        by_layer: dict[str, list[torch.Tensor]] = {}
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    by_layer.setdefault(layer_name(names[p]), []).append(p)
-        for layer, params in by_layer.items():
-            self.grad_norms[layer] = torch.cat([p.grad.detach().float().flatten() for p in params]).norm().item()
-            self.param_norms[layer] = torch.cat([p.detach().float().flatten() for p in params]).norm().item()
+        layers = params_by_layer(optimizer, {p: layer_name(n) for n, p in pl_module.named_parameters()})
+        params = [p for ps in layers.values() for p in ps]
+        if not params:
+            return
+        owners = layer_owners(layers, params[0].device)
+        grads = per_layer_norms([p.grad.detach().float() for p in params], owners, len(layers)).tolist()
+        weights = per_layer_norms([p.detach().float() for p in params], owners, len(layers)).tolist()
+        self.grad_norms.update(zip(layers, grads))  # the totals at the end fall outside the zip
+        self.param_norms.update(zip(layers, weights))
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any) -> None:
         from trainer.divergence.guard import step_signals

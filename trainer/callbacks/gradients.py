@@ -24,6 +24,23 @@ def layer_name(param_name: str) -> str:
     return param_name.rpartition(".")[0] or param_name
 
 
+def params_by_layer(optimizer: torch.optim.Optimizer,
+                    layer_of: dict[torch.nn.Parameter, str]) -> dict[str, list[torch.nn.Parameter]]:
+    """The optimizer's parameters that have a gradient, grouped by layer name."""
+    layers: dict[str, list[torch.nn.Parameter]] = defaultdict(list)
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                layers[layer_of.get(p, "unnamed")].append(p)
+    return layers
+
+
+def layer_owners(layers: dict[str, list[torch.nn.Parameter]], device: torch.device) -> torch.Tensor:
+    """For each parameter of `layers`, in order, the index of its layer: what `per_layer_norms` groups by."""
+    sizes = torch.tensor([len(ps) for ps in layers.values()])
+    return torch.repeat_interleave(torch.arange(len(layers)), sizes).to(device)
+
+
 def per_layer_norms(tensors: list[torch.Tensor], owners: torch.Tensor, num_layers: int) -> torch.Tensor:
     """L2 norm per layer of tensors grouped by `owners` (layer index per tensor), plus the total at the end."""
     norms = torch.stack(torch._foreach_norm(tensors)).float()
@@ -55,7 +72,7 @@ class GradientMonitor(L.Callback):
         log_hist = self.histogram_every_n_steps > 0 and step % self.histogram_every_n_steps == 0
         if not (log_norms or log_hist) or not trainer.loggers:
             return
-        layers = self._params_by_layer(optimizer)
+        layers = params_by_layer(optimizer, self._names)
         if not layers:
             return
         if log_hist and trainer.is_global_zero:
@@ -65,9 +82,7 @@ class GradientMonitor(L.Callback):
         names = list(layers)
         network = _network(names)
         params = [p for ps in layers.values() for p in ps]
-        owners = torch.repeat_interleave(
-            torch.arange(len(names)), torch.tensor([len(ps) for ps in layers.values()])
-        ).to(params[0].device)
+        owners = layer_owners(layers, params[0].device)
         keys = [f"grad_norm/{_panel(n)}" for n in names] + [f"grad_norm/{network}/total"]
         keys += [f"param_norm/{_panel(n)}" for n in names] + [f"param_norm/{network}/total"]
         grads = per_layer_norms([p.grad.detach() for p in params], owners, len(names))
@@ -99,14 +114,6 @@ class GradientMonitor(L.Callback):
         metrics = dict(zip(keys, values))
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=log_step(trainer))
-
-    def _params_by_layer(self, optimizer: torch.optim.Optimizer) -> dict[str, list[torch.nn.Parameter]]:
-        layers: dict[str, list[torch.nn.Parameter]] = defaultdict(list)
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    layers[self._names.get(p, "unnamed")].append(p)
-        return layers
 
     def _log_histograms(self, trainer: L.Trainer, layers: dict[str, list[torch.Tensor]], step: int) -> None:
         import wandb

@@ -26,15 +26,19 @@ class Preemption(L.Callback):
         self.signum = signal.Signals[signal_name]
         self.requeue = requeue
         self.requested = False
+        self.listening = False  # outside SLURM no signal is awaited, and batches cost nothing
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if "SLURM_JOB_ID" in os.environ and threading.current_thread() is threading.main_thread():
             signal.signal(self.signum, self._on_signal)
+            self.listening = True
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.requested = True  # acted on at the end of the batch, where the state is whole
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if not self.listening:
+            return
         requested = self.requested
         if trainer.world_size > 1:  # one rank may see the signal a batch later than another
             flag = torch.tensor(float(requested), device=trainer.strategy.root_device)

@@ -47,10 +47,10 @@ def read_trials(sweep_dir: Path, params: list[str]) -> list[Trial]:
     trials = []
     for config_file in sorted(sweep_dir.glob("*/config.yaml"), key=lambda p: _trial_order(p.parent.name)):
         run_dir = config_file.parent
-        config = yaml.safe_load(config_file.read_text()) or {}
+        config = OmegaConf.load(config_file)
         record_file = run_dir / TRIAL_FILE
         record = json.loads(record_file.read_text()) if record_file.is_file() else {"status": "running"}
-        trials.append(Trial(name=run_dir.name, run_dir=str(run_dir), params={p: _select(config, p) for p in params},
+        trials.append(Trial(name=run_dir.name, run_dir=str(run_dir), params={p: OmegaConf.select(config, p) for p in params},
                             **{k: v for k, v in record.items() if k in Trial.__dataclass_fields__}))
     return trials
 
@@ -153,12 +153,6 @@ def wandb_settings(config: DictConfig) -> dict[str, Any] | None:
     """Where the summary run goes: the project, entity and mode of the sweep's W&B logger, if it has one."""
     logger = OmegaConf.select(config, "logger.wandb")
     return {key: logger.get(key) for key in ("project", "entity", "mode")} if logger else None
-
-
-def _select(config: dict[str, Any], dotted: str) -> Any:
-    for part in dotted.split("."):
-        config = config.get(part) if isinstance(config, dict) else None
-    return config
 
 
 def _trial_order(name: str) -> tuple[int, str]:

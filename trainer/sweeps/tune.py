@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
@@ -80,22 +79,21 @@ def search_space(params: dict[str, str], cfg: DictConfig) -> dict[str, Any]:
         if OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
             raise UserError(f"tune.params: {key} is not a key of the config; check its spelling")
         try:
-            value = parser.parse_override(f"{key}={text}").value()
+            override = parser.parse_override(f"{key}={text}")
         except HydraException as e:
             raise UserError(f"tune.params.{key}={text} is not Hydra sweep syntax ({e}); use interval(a, b), "
                             "tag(log, interval(a, b)), choice(a, b) or range(a, b)") from None
-        if isinstance(value, ChoiceSweep):
-            space[key] = tune.choice(list(value.list))
-        elif isinstance(value, RangeSweep):
-            space[key] = tune.choice(_range_values(value))
-        elif isinstance(value, IntervalSweep):
+        value = override.value()
+        if not override.is_sweep_override():
+            space[key] = value  # a fixed value
+        elif override.is_discrete_sweep():  # choice(...) or range(...)
+            space[key] = tune.choice(list(override.sweep_iterator()))
+        else:  # interval(a, b), possibly int(...) and tag(log, ...)
             log, ints = "log" in value.tags, isinstance(value.start, int) and isinstance(value.end, int)
             if ints:
                 space[key] = (tune.lograndint if log else tune.randint)(value.start, value.end + 1)
             else:
                 space[key] = (tune.loguniform if log else tune.uniform)(float(value.start), float(value.end))
-        else:
-            space[key] = value  # a fixed value
     return space
 
 
@@ -233,12 +231,3 @@ def _ran_to_the_end(last: dict[str, Any], limits: DictConfig) -> bool:
 def _read_metrics(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "metrics.json"
     return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _range_values(sweep: RangeSweep) -> list[Any]:
-    values, value = [], sweep.start
-    while (value < sweep.stop) if sweep.step > 0 else (value > sweep.stop):
-        values.append(value)
-        value += sweep.step
-    return values
-
