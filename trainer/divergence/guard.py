@@ -95,7 +95,7 @@ class DivergenceGuard(L.Callback):
         self._rng = capture_rng()  # small; lets a replay draw the same noise and dropout masks
         # BatchNorm statistics move in the forward pass; a skipped update must not keep a bad batch's.
         buffers = [b for _, b in _float_buffers(pl_module)]
-        if len(self._buffers) == len(buffers):
+        if buffers and len(self._buffers) == len(buffers):  # (a transformer may have none)
             torch._foreach_copy_(self._buffers, buffers)
         else:
             self._buffers = [b.detach().clone() for b in buffers]
