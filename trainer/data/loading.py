@@ -20,6 +20,15 @@ def _rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+def rank_share(indices: list[int]) -> list[int]:
+    """This rank's share of an evaluation set, every rank the same count (the last ones repeat an item), so
+    results can be all-gathered in equal shapes; callers drop the repeats by index."""
+    rank, world = _rank_and_world()
+    per_rank = -(-len(indices) // world)
+    share = indices[rank::world]
+    return share + indices[: per_rank - len(share)]
+
+
 class ShardedSampler(Sampler[int]):
     """Seeded per-epoch permutation, split evenly across distributed ranks (every rank gets the same count)."""
 

@@ -1,0 +1,114 @@
+"""Extractive question answering: fine-tune a pretrained encoder to point at the answer span.
+
+The model scores every token twice, as the answer's start and as its end; training is cross-entropy on the
+gold start and end tokens (the [CLS] token for "no answer in this window"). Validation turns the scores of
+all windows of a question into one answer text (trainer/metrics/squad.py) and reports SQuAD exact match
+and F1, with a table of answered questions in W&B.
+"""
+
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from torch import nn
+
+from trainer.data.squad import Example, ValidationSet
+from trainer.loggers import is_logging_step, log_step
+from trainer.metrics.squad import predict_answers, score, squad_metrics
+
+PAD_LOGIT = -1e4  # pads the scores of short windows to one width for gathering; never a candidate
+
+
+class ExtractiveQA(L.LightningModule):
+    def __init__(
+        self,
+        encoder: nn.Module,
+        lr: float = 5e-5,
+        weight_decay: float = 0.01,
+        warmup_ratio: float = 0.1,
+        n_best: int = 20,
+        max_answer_length: int = 30,
+        null_threshold: float = 0.0,
+        table_rows: int = 20,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["encoder"])
+        self.encoder = encoder
+        self._val_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        from transformers import get_linear_schedule_with_warmup
+
+        # As BERT was trained: no weight decay on biases and LayerNorm weights.
+        decay = [p for p in self.parameters() if p.ndim > 1]
+        no_decay = [p for p in self.parameters() if p.ndim <= 1]
+        # Fused AdamW: one kernel for all parameters, 13% of a CPU step for MiniLM (scripts/bench_qa.py).
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=self.hparams.lr,
+                                      fused=self.device.type in ("cpu", "cuda"))
+        total = self.trainer.estimated_stepping_batches
+        schedule = get_linear_schedule_with_warmup(optimizer, int(self.hparams.warmup_ratio * total), total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        # The batch holds the gold start and end tokens; the model's loss is the mean of the two cross-entropies.
+        loss = self.encoder(**batch).loss
+        if is_logging_step(self.trainer):
+            self.log("train/loss", loss)
+        return loss
+
+    # -- validation: logits of every window -> one answer per question -> EM / F1 ----------------------
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        feature_index = batch.pop("feature_index")
+        out = self.encoder(**batch)
+        width = self.trainer.datamodule.max_length
+        start, end = (nn.functional.pad(x.float(), (0, width - x.shape[1]), value=PAD_LOGIT)
+                      for x in (out.start_logits, out.end_logits))
+        self._val_outputs.append((feature_index, start, end))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_outputs:
+            return
+        index, start, end = (torch.cat(parts) for parts in zip(*self._val_outputs))
+        self._val_outputs = []
+        if self.trainer.world_size > 1:
+            index, start, end = (self.all_gather(x).flatten(0, 1) for x in (index, start, end))
+        start, end = start.cpu().numpy(), end.cpu().numpy()
+        logits = {i: (start[row], end[row]) for row, i in enumerate(index.tolist())}  # drops ranks' repeats
+        val: ValidationSet = self.trainer.datamodule.val_set
+        hp = self.hparams
+        predictions = predict_answers(val.examples, val.features, logits, hp.n_best, hp.max_answer_length,
+                                      val.with_unanswerable, hp.null_threshold)
+        metrics = squad_metrics(predictions, val.examples)
+        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=False)  # same on every rank
+        if not self.trainer.sanity_checking:
+            log_answers_table(self.trainer, val.examples, predictions, hp.table_rows)
+
+
+def log_answers_table(trainer: L.Trainer, examples: list[Example], predictions: dict[str, str], rows: int) -> None:
+    """The first `rows` answered questions (the same ones every epoch) as a W&B table."""
+    loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+    if not loggers or not trainer.is_global_zero or rows <= 0:
+        return
+    data = []
+    for example in [e for e in examples if e.id in predictions][:rows]:
+        prediction = predictions[example.id]
+        f1 = score(prediction, example.answers)[1]
+        data.append([example.id, example.question, snippet(example), prediction or "(no answer)",
+                     " | ".join(example.answers) or "(no answer)", round(100 * f1, 1)])
+    for logger in loggers:
+        logger.log_table("val/answers", ["id", "question", "context", "prediction", "gold", "f1"], data,
+                         step=log_step(trainer))
+
+
+def snippet(example: Example, width: int = 300) -> str:
+    """Up to `width` characters of the context around the first gold answer."""
+    context = example.context
+    if len(context) <= width:
+        return context
+    center = example.starts[0] + len(example.answers[0]) // 2 if example.answers else 0
+    begin = int(np.clip(center - width // 2, 0, len(context) - width))
+    return ("..." if begin else "") + context[begin : begin + width] + ("..." if begin + width < len(context) else "")
