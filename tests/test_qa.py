@@ -9,7 +9,7 @@ import pytest
 from tests.conftest import run_cli
 from tests.wandb_offline import find_runs, read_run
 from trainer.data.qa_facts import squad_split, write_facts_dataset
-from trainer.data.squad import Example, SquadDataModule, read_squad_file, tokenize
+from trainer.data.squad import Example, SquadDataModule, load_hub_squad, read_squad_file, tokenize
 from trainer.errors import UserError
 from trainer.metrics.squad import normalize_answer, predict_answers, score, squad_metrics
 from trainer.models.qa import load_tokenizer
@@ -167,6 +167,8 @@ def squad_file(tmp_path: Path, qa: dict, context: str = "Ada was born in Lyon.")
         ({"id": "q8", "answers": [{"text": "Lyon", "answer_start": 16}]}, r'example q8 has no "question" field'),
         ({"id": "q9", "question": "Where?", "answers": [{"text": "Lyon"}]}, r'example q9 has no "answer_start"'),
         ({"id": "q10", "question": "Where?", "answers": []}, r'example q10 has no answers and is not marked'),
+        ({"id": "q11", "question": "Where?", "answers": [{"text": "Lyon", "answer_start": "16"}]},
+         r"example q11: an answer needs a text \(string\) and an answer_start \(a character offset\), got 'Lyon' at '16'"),
     ],
 )
 def test_malformed_squad_files_name_the_example(tmp_path, qa, message):
@@ -220,3 +222,16 @@ def test_short_qa_run_writes_exact_and_f1(tmp_path, home):
     run = read_run(run_path)
     table = run.summary["val/answers"]
     assert table["_type"] == "table-file" and table["nrows"] == 20
+
+
+def test_a_data_set_in_hugging_face_layout_loads(tmp_path):
+    # The hub path (data.name=squad) on a local folder in the same layout: datasets reads train/validation files.
+    context = "Ada was born in Lyon in 1871."
+    for split, question in (("train", "Where was Ada born?"), ("validation", "When was Ada born?")):
+        answer = "Lyon" if split == "train" else "1871"
+        row = {"id": split, "title": "Ada", "context": context, "question": question,
+               "answers": {"text": [answer], "answer_start": [context.index(answer)]}}
+        (tmp_path / f"{split}.jsonl").write_text(json.dumps(row) + "\n")
+    train, validation = load_hub_squad(str(tmp_path))
+    assert train == [Example("train", "Where was Ada born?", context, ["Lyon"], [16])]
+    assert validation[0].answers == ["1871"] and validation[0].starts == [24]

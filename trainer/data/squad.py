@@ -53,7 +53,7 @@ def read_squad_file(path: str | Path) -> list[Example]:
             where = f"data[{a}].paragraphs[{p}]"
             context = _field(paragraph, "context", path, where)
             for q, qa in enumerate(_field(paragraph, "qas", path, where)):
-                qa_id = str(qa.get("id", f"{where}.qas[{q}]")) if isinstance(qa, dict) else f"{where}.qas[{q}]"
+                qa_id = str(qa["id"]) if isinstance(qa, dict) and "id" in qa else f"{where}.qas[{q}]"
                 answers = _field(qa, "answers", path, f"example {qa_id}")
                 record = {"id": qa_id, "question": _field(qa, "question", path, f"example {qa_id}"),
                           "context": context,
@@ -76,11 +76,13 @@ def _field(node: Any, key: str, path: Path, where: str) -> Any:
 def to_example(record: dict[str, Any], source: str) -> Example:
     """A record in Hugging Face's flat SQuAD layout -> an Example, refusing answers that are not where their
     `answer_start` says."""
-    texts, starts = list(record["answers"]["text"]), [int(s) for s in record["answers"]["answer_start"]]
+    texts, starts = list(record["answers"]["text"]), list(record["answers"]["answer_start"])
     context = record["context"]
     for text, start in zip(texts, starts):
-        if context[start : start + len(text)] != text:
-            found = context[start : start + len(text)]
+        if not isinstance(text, str) or not isinstance(start, int):
+            raise UserError(f"{source}: example {record['id']}: an answer needs a text (string) and an answer_start "
+                            f"(a character offset), got {text!r} at {start!r}: fix the answer")
+        if (found := context[start : start + len(text)]) != text:
             raise UserError(f"{source}: example {record['id']}: answer {text!r} is not at answer_start={start} "
                             f"(the context has {found!r} there): fix answer_start")
     return Example(str(record["id"]), record["question"], context, texts, starts)
