@@ -235,3 +235,18 @@ def test_a_data_set_in_hugging_face_layout_loads(tmp_path):
     train, validation = load_hub_squad(str(tmp_path))
     assert train == [Example("train", "Where was Ada born?", context, ["Lyon"], [16])]
     assert validation[0].answers == ["1871"] and validation[0].starts == [24]
+
+
+@pytest.mark.parametrize("with_unanswerable", [False, True])
+def test_v1_and_v2_files_set_whether_no_answer_is_allowed(tmp_path, with_unanswerable):
+    paths = []
+    for split, seed in (("train", 1), ("validation", 2)):
+        paths.append(tmp_path / f"{split}.json")
+        paths[-1].write_text(json.dumps(squad_split(6, seed, with_unanswerable=with_unanswerable)))
+    data = SquadDataModule(tokenizer="minilm", train_file=str(paths[0]), val_file=str(paths[1]), batch_size=4,
+                           max_length=128, doc_stride=32)
+    data.setup("fit")
+    assert data.val_set.with_unanswerable is with_unanswerable
+    batch = next(iter(data.train_dataloader()))
+    assert batch["input_ids"].shape[1] == max(batch["attention_mask"].sum(1))  # padded to the longest only
+    assert (batch["start_positions"] <= batch["end_positions"]).all()
