@@ -50,7 +50,7 @@ SelectTypeParameters=CR_Core
 ReturnToService=2
 MpiDefault=none
 KillWait=5
-MinJobAge=5
+MinJobAge=300
 SchedulerType=sched/backfill
 NodeName=$host CPUs=$(nproc) RealMemory=20000 State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
