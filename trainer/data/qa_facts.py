@@ -9,6 +9,7 @@ gold answer (as SQuAD's validation set does).
 """
 
 import random
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,14 +44,12 @@ class Paragraph:
 
     def add(self, template: str, **answers: str) -> None:
         """Appends a sentence; `{key}` slots are answers whose character offsets are recorded."""
-        sentence, rest = "", template
-        while "{" in rest:
-            before, _, rest = rest.partition("{")
-            key, _, rest = rest.partition("}")
-            sentence += before
-            self.spans[key] = (answers[key], len(self.text) + len(sentence))
-            sentence += answers[key]
-        self.text += sentence + rest + " "
+        for literal, key, _, _ in string.Formatter().parse(template):
+            self.text += literal
+            if key is not None:
+                self.spans[key] = (answers[key], len(self.text))
+                self.text += answers[key]
+        self.text += " "
 
 
 Question = tuple[list[str], str, list[str]]  # phrasings, answer key ("" = unanswerable), extra gold answers

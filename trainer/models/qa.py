@@ -39,9 +39,14 @@ def pretrained_qa_model(pretrained: str) -> Any:
     from transformers import AutoModelForQuestionAnswering
     from transformers.utils import logging
 
-    logging.set_verbosity_error()  # the load report lists the new head as "missing": expected when fine-tuning
-    # from_pretrained returns the model in eval mode; fine-tuning trains with its dropout.
-    return _from_pretrained(AutoModelForQuestionAnswering, pretrained, "model").train()
+    # The load report lists the new head as "missing", as expected when fine-tuning: quiet for this load only.
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        model = _from_pretrained(AutoModelForQuestionAnswering, pretrained, "model")
+    finally:
+        logging.set_verbosity(verbosity)
+    return model.train()  # from_pretrained returns eval mode; fine-tuning trains with its dropout
 
 
 def load_tokenizer(pretrained: str) -> Any:
