@@ -75,17 +75,19 @@ def train(
     return metrics_file.metrics
 
 
-def build_task(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule]:
-    """The data, and the task with the model parts (every `_target_` node under `model`) passed by name."""
+def build_task(cfg: DictConfig) -> tuple[L.LightningDataModule | None, L.LightningModule]:
+    """The data (none for RL: its tasks play in their environments), and the task with the model parts (every
+    `_target_` node under `model`) passed by name. A part marked `_partial_` is a constructor that the task
+    calls itself (RL networks are sized by the environment)."""
     if cfg.perf.matmul_precision:
         torch.set_float32_matmul_precision(cfg.perf.matmul_precision)
-    datamodule = build(cfg.data, "data")
+    datamodule = build(cfg.data, "data") if _is_buildable(cfg.get("data")) else None
     parts = {name: build(node, f"model.{name}") for name, node in cfg.model.items() if _is_buildable(node)}
     module = build(cfg.task, "task", **parts)
     if cfg.perf.channels_last:
         module = module.to(memory_format=torch.channels_last)
     if cfg.perf.compile:
-        for part in parts.values():
+        for part in module.children():
             part.compile()  # in place: parameter names, and so checkpoints, stay the same
     return datamodule, module
 

@@ -184,7 +184,9 @@ class DivergenceGuard(L.Callback):
             self.bundles_written += 1
             if trainer.is_global_zero:
                 names = [name for name, _ in _float_buffers(pl_module)]
-                write_bundle(trainer, pl_module, folder, detection=detection, batch=self._batch, rng=self._rng,
+                # An RL step collects its own data and names it `step_batch`; other tasks train on the batch.
+                batch = getattr(pl_module, "step_batch", None) or self._batch
+                write_bundle(trainer, pl_module, folder, detection=detection, batch=batch, rng=self._rng,
                              batch_idx=self._batch_idx, buffers_at_start=dict(zip(names, self._buffers)))
                 _log_bundle_artifact(trainer, folder)
             detection["bundle"] = str(folder)

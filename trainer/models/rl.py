@@ -1,0 +1,72 @@
+"""Networks for the RL tasks, sized from the environment's spaces (the task passes them in).
+
+ActorCritic is PPO's (separate policy and value MLPs, tanh, orthogonal init with a small policy head, as in
+"The 37 Implementation Details of PPO"); QNetwork is DQN's (ReLU MLP, one Q-value per action).
+"""
+
+import math
+from collections.abc import Sequence
+
+import gymnasium as gym
+import torch
+from torch import nn
+from torch.distributions import Categorical, Distribution, Independent, Normal
+
+
+def mlp(inputs: int, hidden: Sequence[int], outputs: int, activation: type[nn.Module],
+        out_std: float | None = None) -> nn.Sequential:
+    """Linear layers with `activation` between them; with `out_std`, orthogonal weights (gain sqrt(2), the
+    last layer `out_std`) and zero biases."""
+    sizes = [inputs, *hidden, outputs]
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layer = nn.Linear(n_in, n_out)
+        if out_std is not None:
+            nn.init.orthogonal_(layer.weight, out_std if i == len(sizes) - 2 else math.sqrt(2))
+            nn.init.zeros_(layer.bias)
+        layers += [layer, activation()]
+    return nn.Sequential(*layers[:-1])
+
+
+def flat_size(space: gym.spaces.Space) -> int:
+    return math.prod(space.shape)
+
+
+class ActorCritic(nn.Module):
+    """A policy over discrete actions (categorical) or continuous ones (diagonal Gaussian with a learned,
+    state-independent log std), and a state-value function."""
+
+    def __init__(self, observation_space: gym.spaces.Box, action_space: gym.spaces.Space,
+                 hidden: Sequence[int] = (64, 64)):
+        super().__init__()
+        self.discrete = isinstance(action_space, gym.spaces.Discrete)
+        actions = int(action_space.n) if self.discrete else flat_size(action_space)
+        self.critic = mlp(flat_size(observation_space), hidden, 1, nn.Tanh, out_std=1.0)
+        self.actor = mlp(flat_size(observation_space), hidden, actions, nn.Tanh, out_std=0.01)
+        self.log_std = None if self.discrete else nn.Parameter(torch.zeros(actions))
+
+    def value(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.critic(obs).squeeze(-1)
+
+    def policy(self, obs: torch.Tensor) -> Distribution:
+        out = self.actor(obs)
+        if self.discrete:
+            return Categorical(logits=out, validate_args=False)
+        return Independent(Normal(out, self.log_std.exp(), validate_args=False), 1, validate_args=False)
+
+    def greedy(self, obs: torch.Tensor) -> torch.Tensor:
+        out = self.actor(obs)
+        return out.argmax(-1) if self.discrete else out
+
+
+class QNetwork(nn.Module):
+    def __init__(self, observation_space: gym.spaces.Box, action_space: gym.spaces.Discrete,
+                 hidden: Sequence[int] = (120, 84)):
+        super().__init__()
+        self.net = mlp(flat_size(observation_space), hidden, int(action_space.n), nn.ReLU)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs)
+
+    def greedy(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs).argmax(-1)

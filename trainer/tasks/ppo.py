@@ -1,0 +1,150 @@
+"""PPO (Schulman et al., 2017) with the details of CleanRL's ppo.py: vectorized environments, GAE, the clipped
+objective with clipped values and an entropy bonus, advantage normalization, learning rate annealed to 0.
+
+One training step is one iteration: play `num_steps` steps in each of `num_envs` environments, then
+`update_epochs` passes of minibatch updates over that rollout. Read `training_step` top to bottom.
+"""
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from trainer.envs import EnvSpec
+from trainer.tasks.rl import RLTask
+
+Rollout = dict[str, torch.Tensor]
+
+
+class PPO(RLTask):
+    def __init__(
+        self,
+        agent: Callable[..., nn.Module],
+        env: EnvSpec,
+        seed: int,
+        total_env_steps: int = 150_000,
+        num_envs: int = 4,
+        num_steps: int = 128,
+        lr: float = 2.5e-4,
+        anneal_lr: bool = True,
+        gamma: float = 0.99,
+        gae_lambda: float = 0.95,
+        update_epochs: int = 4,
+        num_minibatches: int = 4,
+        norm_adv: bool = True,
+        clip_coef: float = 0.2,
+        clip_vloss: bool = True,
+        ent_coef: float = 0.01,
+        vf_coef: float = 0.5,
+        max_grad_norm: float = 0.5,
+        target_kl: float | None = None,
+        env_steps_per_epoch: int = 10_240,
+        eval_episodes: int = 10,
+        eval_seed: int = 1_000_000,
+        video_frames: int = 200,
+    ):
+        super().__init__(env, num_envs, num_steps * num_envs, total_env_steps, env_steps_per_epoch,
+                         eval_episodes, eval_seed, video_frames, seed)
+        self.save_hyperparameters(ignore=["agent", "env"])
+        self.automatic_optimization = False  # several updates per rollout
+        self.agent = agent(env.observation_space, env.action_space)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.agent.parameters(), lr=self.hparams.lr, eps=1e-5, fused=self.fused_optimizer)
+
+    def training_step(self, batch: Rollout, batch_idx: int) -> None:
+        hp = self.hparams
+        optimizer = self.optimizers()
+        if hp.anneal_lr:
+            optimizer.param_groups[0]["lr"] = hp.lr * max(0.0, 1.0 - self.env_steps / hp.total_env_steps)
+
+        # 1. Rollout with the current policy (a replayed divergence bundle brings its own).
+        rollout = self.step_batch = batch or self.collect_rollout()
+
+        # 2. Advantages by GAE; the value targets are advantages + values.
+        advantages = gae(rollout, hp.gamma, hp.gae_lambda)
+        returns = advantages + rollout["values"]
+        obs, actions, logprobs, values = (rollout[k].flatten(0, 1) for k in ("obs", "actions", "logprobs", "values"))
+        advantages, returns = advantages.flatten(), returns.flatten()
+
+        # 3. update_epochs passes over the rollout in shuffled minibatches.
+        size = len(obs)
+        stats = []
+        for _ in range(hp.update_epochs):
+            for idx in torch.randperm(size, device=self.device).split(size // hp.num_minibatches):
+                policy = self.agent.policy(obs[idx])
+                logratio = policy.log_prob(actions[idx]) - logprobs[idx]
+                ratio = logratio.exp()
+
+                adv = advantages[idx]
+                if hp.norm_adv:
+                    adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+                policy_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - hp.clip_coef, 1 + hp.clip_coef)).mean()
+
+                new_values = self.agent.value(obs[idx])
+                value_loss = (new_values - returns[idx]).square()
+                if hp.clip_vloss:  # the value may move at most clip_coef from the rollout's estimate
+                    clipped = values[idx] + (new_values - values[idx]).clamp(-hp.clip_coef, hp.clip_coef)
+                    value_loss = torch.max(value_loss, (clipped - returns[idx]).square())
+                value_loss = 0.5 * value_loss.mean()
+
+                entropy = policy.entropy().mean()
+                loss = policy_loss - hp.ent_coef * entropy + hp.vf_coef * value_loss
+
+                optimizer.zero_grad(set_to_none=True)
+                self.manual_backward(loss)
+                self.clip_gradients(optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
+                optimizer.step()
+
+                with torch.no_grad():  # http://joschu.net/blog/kl-approx.html
+                    approx_kl = ((ratio - 1) - logratio).mean()
+                    clip_frac = ((ratio - 1).abs() > hp.clip_coef).float().mean()
+                stats.append(torch.stack([loss, policy_loss, value_loss, entropy, approx_kl, clip_frac]).detach())
+            if hp.target_kl is not None and approx_kl > hp.target_kl:
+                break
+
+        # What the divergence guard watches every step; logged on logging steps (trainer/tasks/rl.py).
+        means = torch.stack(stats).mean(0)
+        self.step_signals = dict(zip(["loss", "policy_loss", "value_loss", "entropy", "approx_kl", "clip_frac"], means))
+        self.step_signals["explained_variance"] = explained_variance(values, returns)
+        self.step_signals["lr"] = torch.tensor(optimizer.param_groups[0]["lr"])
+
+    def collect_rollout(self) -> Rollout:
+        """`num_steps` steps of every environment; `dones[t]` marks obs[t] as the first of a new episode."""
+        steps, n, envs = self.hparams.num_steps, self.num_envs, self.envs
+        rollout = {"obs": torch.empty(steps, *envs.obs.shape, device=self.device),
+                   "actions": torch.empty(steps, n, *self.env.action_space.shape, device=self.device,
+                                          dtype=torch.long if self.env.discrete else torch.float),
+                   **{k: torch.empty(steps, n, device=self.device) for k in ("logprobs", "values", "rewards", "dones")},
+                   "next_value": torch.empty(n, device=self.device), "next_done": torch.empty(n, device=self.device)}
+        with torch.inference_mode():  # filled in place: the tensors themselves stay usable for autograd
+            for t in range(steps):
+                rollout["obs"][t], rollout["dones"][t] = envs.obs, envs.done
+                policy = self.agent.policy(envs.obs)
+                action = policy.sample()
+                rollout["actions"][t], rollout["logprobs"][t] = action, policy.log_prob(action)
+                rollout["values"][t] = self.agent.value(envs.obs)
+                rollout["rewards"][t] = torch.from_numpy(envs.step(action)[1])
+            rollout["next_value"][:], rollout["next_done"][:] = self.agent.value(envs.obs), envs.done
+        return rollout
+
+    def greedy_action(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.agent.greedy(obs)
+
+
+def gae(rollout: Rollout, gamma: float, lam: float) -> torch.Tensor:
+    """Generalized advantage estimates (Schulman et al., 2016) of a rollout, shape (steps, envs)."""
+    rewards, values = rollout["rewards"], rollout["values"]
+    next_values = torch.cat([values[1:], rollout["next_value"][None]])
+    next_nonterminal = 1.0 - torch.cat([rollout["dones"][1:], rollout["next_done"][None]])
+    deltas = rewards + gamma * next_values * next_nonterminal - values
+    advantages = torch.empty_like(rewards)
+    last = torch.zeros_like(rewards[0])
+    for t in reversed(range(len(rewards))):
+        last = advantages[t] = deltas[t] + gamma * lam * next_nonterminal[t] * last
+    return advantages
+
+
+def explained_variance(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 - Var(target - predicted) / Var(target): 1 for a perfect value function, <= 0 for a useless one."""
+    return 1 - (target - predicted).var() / target.var()

@@ -1,0 +1,180 @@
+"""What DQN and PPO share: the environments in place of a data set, the env-step budget, greedy evaluation
+over a fixed set of seeds, episode statistics, throughput, and an episode GIF for W&B.
+
+An RL training step makes its own data (it plays in the environments), so the train loader yields empty
+batches, `batches_per_epoch` of them; an epoch ends with an evaluation. A step that trained on data it
+collected exposes it as `step_batch`: a divergence bundle saves that, and `python -m trainer.replay` feeds
+it back to `training_step`, which then trains on it instead of playing.
+"""
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from torch.utils.data import DataLoader
+
+from trainer.data.loading import rank_share
+from trainer.envs import EnvSpec, TrainingEnvs, as_tensor, env_seeds, render_episode, to_env
+from trainer.loggers import is_logging_step, log_step
+
+
+class EmptyBatches:
+    """`length` empty batches per epoch; resumes mid-epoch from a checkpoint like the data loaders do."""
+
+    def __init__(self, length: int):
+        self.length, self.yielded, self._resume_at = length, 0, 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[dict]:
+        start, self._resume_at = self._resume_at, 0
+        for self.yielded in range(start + 1, self.length + 1):
+            yield {}
+
+    def state_dict(self) -> dict[str, int]:
+        return {"yielded": self.yielded}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume_at = state["yielded"] % self.length
+
+
+class RLTask(L.LightningModule):
+    def __init__(
+        self,
+        env: EnvSpec,
+        num_envs: int,
+        env_steps_per_batch: int,
+        total_env_steps: int,
+        env_steps_per_epoch: int,
+        eval_episodes: int,
+        eval_seed: int,
+        video_frames: int,
+        seed: int,
+    ):
+        super().__init__()
+        if env_steps_per_epoch < env_steps_per_batch:
+            raise ValueError(f"env_steps_per_epoch={env_steps_per_epoch} is less than one training step's "
+                             f"{env_steps_per_batch} environment steps: raise it")
+        self.env = env
+        self.num_envs, self.env_steps_per_batch = num_envs, env_steps_per_batch
+        self.total_env_steps, self.env_steps_per_epoch = total_env_steps, env_steps_per_epoch
+        self.eval_seeds = list(range(eval_seed, eval_seed + eval_episodes))
+        self.video_frames, self.seed = video_frames, seed
+        self.envs: TrainingEnvs | None = None  # made in setup, when the rank and the device are known
+        self.step_batch: dict[str, torch.Tensor] = {}
+        self.step_signals: dict[str, torch.Tensor] = {}
+        self._steps_at_log, self._train_time = 0, 0.0  # env steps at the last log, training seconds since
+        self._val_returns: list[torch.Tensor] = []
+
+    # -- environments -------------------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self.envs = TrainingEnvs(self.env, self.num_envs, self.trainer.world_size, self.device)
+
+    @property
+    def env_steps(self) -> int:
+        """Environment steps taken so far by all ranks together."""
+        return self.envs.env_steps if self.envs is not None else 0
+
+    def on_train_start(self) -> None:
+        # After a resume too: the environments' state is not in a checkpoint, so every run starts new episodes.
+        self.envs.device = self.device
+        self.envs.reset(env_seeds(self.seed, self.global_rank, self.env_steps, self.num_envs))
+        self._steps_at_log, self._train_time = self.env_steps, 0.0
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit" and self.envs is not None:
+            self.envs.close()
+
+    @property
+    def fused_optimizer(self) -> bool:
+        """Adam's fused kernel: a third of the default's time per update for networks this small."""
+        return self.device.type in ("cpu", "cuda")
+
+    # -- the loop: empty batches, an epoch of env steps, a budget -----------------------------------------
+
+    def train_dataloader(self) -> EmptyBatches:
+        env_steps_per_batch = self.env_steps_per_batch * self.trainer.world_size
+        return EmptyBatches(max(1, self.env_steps_per_epoch // env_steps_per_batch))
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self._batch_start = time.perf_counter()
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self._train_time += time.perf_counter() - self._batch_start  # evaluation time stays out of steps/s
+        if self.env_steps >= self.total_env_steps:
+            self.trainer.should_stop = True  # Lightning then validates once more and ends the run
+        if is_logging_step(self.trainer):
+            self.log_progress()
+
+    def log_progress(self) -> None:
+        """Per-step signals, the episodes that ended since the last log, and environment steps per second of
+        training (playing and learning) since the last log."""
+        metrics = {f"train/{k}": v for k, v in self.step_signals.items()}
+        metrics["train/env_steps"] = float(self.env_steps)
+        metrics["train/env_steps_per_sec"] = (self.env_steps - self._steps_at_log) / max(self._train_time, 1e-9)
+        self._steps_at_log, self._train_time = self.env_steps, 0.0
+        episodes = self.envs.take_episodes()
+        if episodes:
+            returns, lengths = zip(*episodes)
+            metrics["train/episodic_return"], metrics["train/episodic_length"] = np.mean(returns), np.mean(lengths)
+        self.log_dict(metrics)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["env_steps"] = self.env_steps
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.envs.env_steps = checkpoint["env_steps"]
+
+    # -- evaluation: one greedy episode per seed of a fixed set, the seeds shared out among ranks --------
+
+    def greedy_action(self, obs: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader([torch.tensor(rank_share(self.eval_seeds))], batch_size=None)
+
+    def validation_step(self, seeds: torch.Tensor, batch_idx: int) -> None:
+        envs = self.env.make_vector(len(seeds), evaluation=True)
+        obs, _ = envs.reset(seed=seeds.tolist())
+        returns = torch.full((len(seeds),), float("nan"))
+        lengths = torch.zeros(len(seeds))
+        while returns.isnan().any():
+            obs, _, _, _, infos = envs.step(to_env(self.env, self.greedy_action(as_tensor(obs, self.device))))
+            if "episode" in infos:
+                first = infos["_episode"] & returns.isnan().numpy()  # each seed's first episode only
+                returns[first] = torch.from_numpy(infos["episode"]["r"][first]).float()
+                lengths[first] = torch.from_numpy(infos["episode"]["l"][first]).float()
+        envs.close()
+        self._val_returns.append(torch.stack([seeds.float(), returns, lengths], 1).to(self.device))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_returns:
+            return
+        results = torch.cat(self._val_returns)
+        self._val_returns = []
+        if self.trainer.world_size > 1:
+            results = self.all_gather(results).flatten(0, 1)
+        results = torch.stack([row for seed, row in {int(r[0]): r for r in results}.items()])  # drop repeats
+        self.log_dict({"val/return": results[:, 1].mean(), "val/return_std": results[:, 1].std(correction=0),
+                       "val/episode_length": results[:, 2].mean()}, sync_dist=False)
+        self.log_episode_video()
+
+    def log_episode_video(self) -> None:
+        loggers = [lg for lg in self.trainer.loggers if isinstance(lg, WandbLogger)]
+        if not loggers or not self.trainer.is_global_zero or self.video_frames <= 0 or self.trainer.sanity_checking:
+            return
+        import wandb
+
+        path = Path(self.trainer.default_root_dir) / "videos" / f"episode_step{self.global_step:06d}.gif"
+        policy = lambda obs: to_env(self.env, self.greedy_action(as_tensor(obs, self.device)))  # noqa: E731
+        if render_episode(self.env, policy, self.eval_seeds[0], path, max_frames=self.video_frames):
+            for logger in loggers:
+                logger.log_metrics({"val/episode": wandb.Video(str(path), format="gif")}, step=log_step(self.trainer))
