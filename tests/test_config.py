@@ -22,15 +22,18 @@ def test_every_exp_composes_and_resolves(exp: str, tmp_path: Path) -> None:
     cfg = compose_config(f"+exp={exp}", run_dir=tmp_path)
     OmegaConf.resolve(cfg)
     assert cfg.name == exp
-    assert cfg.task._target_ and cfg.data._target_ and cfg.trainer._target_
+    assert cfg.task._target_ and cfg.trainer._target_
+    # The data a task learns from: a data module, or for RL the environments.
+    assert (cfg.env._target_ and cfg.data is None) if exp in ("ppo", "dqn") else cfg.data._target_
 
 
 @pytest.mark.parametrize(
     "group,option",
-    [(g, o) for g in ("trainer", "logger", "callbacks", "debug", "launcher", "data") for o in options(g)],
+    [(g, o) for g in ("trainer", "logger", "callbacks", "debug", "launcher", "data", "env") for o in options(g)],
 )
 def test_every_group_option_composes(group: str, option: str, tmp_path: Path) -> None:
-    exp = "qa" if option == "squad" else "dcgan"  # data options belong to a task family
+    # data and env options belong to a task family
+    exp = {"squad": "qa", "gym": "ppo"}.get(option, "dcgan")
     overrides = [f"+exp={exp}", f"{group}={option}"]
     if option == "image_folder":
         overrides.append(f"data.root={tmp_path}")

@@ -2,7 +2,6 @@
 GAE, resume with and without the replay buffer, reproducibility, and the bad-input errors."""
 
 import json
-from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -12,7 +11,7 @@ from conftest import compose_config, run_cli
 from test_bad_input import assert_clean_failure
 
 from tests.wandb_offline import find_runs, read_run
-from trainer.envs import EnvSpec, SensorNoise, env_seeds
+from trainer.envs import SensorNoise, env_seeds
 from trainer.errors import UserError
 from trainer.run import build_task, train
 from trainer.tasks.ppo import gae
@@ -140,14 +139,18 @@ def test_dqn_resumes_with_or_without_its_replay_buffer(tmp_path, save_buffer):
     if save_buffer:
         assert checkpoint["replay_buffer"]["size"] == 1500
 
-    resumed = compose_config(*first, "task.total_env_steps=3000", run_dir=tmp_path)
-    _, module = build_task(resumed)
-    train(resumed)
+    train(compose_config(*first, "task.total_env_steps=3000", run_dir=tmp_path))
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["env_steps"] == 3000  # counted on from 1500, not from 0
     # With the buffer, every resumed step learns; without it, learning waits for learning_starts transitions.
     updates = (3000 - 1500) // 10 - (0 if save_buffer else 500 // 10 - 1)
     assert checkpoint["global_step"] == (1500 - 500) // 10 + 1 + updates
+
+
+def test_the_gpu_preset_leaves_rl_without_a_data_module(tmp_path):
+    # trainer=gpu sets data loader options; RL has no data module, so they must not become one.
+    datamodule, module = build_task(compose_config("+exp=ppo", "trainer=gpu", "perf.compile=false", run_dir=tmp_path))
+    assert datamodule is None and module.agent is not None
 
 
 @pytest.mark.slow

@@ -34,7 +34,8 @@ class EmptyBatches:
 
     def __iter__(self) -> Iterator[dict]:
         start, self._resume_at = self._resume_at, 0
-        for self.yielded in range(start + 1, self.length + 1):
+        for position in range(start, self.length):
+            self.yielded = position + 1
             yield {}
 
     def state_dict(self) -> dict[str, int]:
