@@ -107,14 +107,17 @@ class TrainingEnvs:
     A plain object, not part of the LightningModule: its fields change every env step, and setting an
     attribute of an nn.Module costs microseconds that add up at thousands of steps per second."""
 
-    def __init__(self, spec: EnvSpec, num_envs: int, world_size: int, device: torch.device):
-        self.spec, self.num_envs, self.world_size, self.device = spec, num_envs, world_size, device
+    def __init__(self, spec: EnvSpec, num_envs: int, world_size: int):
+        self.spec, self.num_envs, self.world_size = spec, num_envs, world_size
         self.vector = spec.make_vector(num_envs)
         self.env_steps = 0
         self.episodes: list[tuple[float, int]] = []
         self.obs = self.done = torch.zeros(0)
+        self.device = torch.device("cpu")
 
-    def reset(self, seeds: list[int]) -> None:
+    def reset(self, seeds: list[int], device: torch.device) -> None:
+        """New episodes; observations from here on are tensors on `device` (the model's, once it is placed)."""
+        self.device = device
         obs, _ = self.vector.reset(seed=seeds)
         self.obs, self.done = as_tensor(obs, self.device), torch.zeros(self.num_envs, device=self.device)
 
@@ -165,7 +168,7 @@ def render_episode(spec: EnvSpec, policy: Callable[[np.ndarray], np.ndarray], se
         env = spec.make(spec.eval_sensor_noise, render_mode="rgb_array")
         obs, _ = env.reset(seed=seed)
         frames = [env.render()]
-    except (gym.error.DependencyNotInstalled, gym.error.Error, ImportError):
+    except (gym.error.Error, ImportError):  # DependencyNotInstalled is a gym.error.Error
         return None
     done = False
     while not done and len(frames) < max_frames:

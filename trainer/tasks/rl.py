@@ -77,7 +77,7 @@ class RLTask(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
-            self.envs = TrainingEnvs(self.env, self.num_envs, self.trainer.world_size, self.device)
+            self.envs = TrainingEnvs(self.env, self.num_envs, self.trainer.world_size)
 
     @property
     def env_steps(self) -> int:
@@ -86,8 +86,7 @@ class RLTask(L.LightningModule):
 
     def on_train_start(self) -> None:
         # After a resume too: the environments' state is not in a checkpoint, so every run starts new episodes.
-        self.envs.device = self.device
-        self.envs.reset(env_seeds(self.seed, self.global_rank, self.env_steps, self.num_envs))
+        self.envs.reset(env_seeds(self.seed, self.global_rank, self.env_steps, self.num_envs), self.device)
         self._steps_at_log, self._train_time = self.env_steps, 0.0
 
     def teardown(self, stage: str) -> None:
@@ -175,7 +174,9 @@ class RLTask(L.LightningModule):
         import wandb
 
         path = Path(self.trainer.default_root_dir) / "videos" / f"episode_step{self.global_step:06d}.gif"
-        policy = lambda obs: to_env(self.env, self.greedy_action(as_tensor(obs, self.device)))  # noqa: E731
+        def policy(obs: np.ndarray) -> np.ndarray:
+            return to_env(self.env, self.greedy_action(as_tensor(obs, self.device)))
+
         if render_episode(self.env, policy, self.eval_seeds[0], path, max_frames=self.video_frames):
             for logger in loggers:
                 logger.log_metrics({"val/episode": wandb.Video(str(path), format="gif")}, step=log_step(self.trainer))
