@@ -3,9 +3,9 @@
 
 Hooked on each optimizer step, so it sees the gradients each optimizer is about to apply: after the DDP
 all-reduce, after unscaling in mixed precision, and per network for GANs (the generator's optimizer only
-holds generator parameters). On a logging step the norms are computed with fused `_foreach` kernels and
-collected on the device; one host sync at the end of the batch reads them all. Other steps cost one
-integer comparison.
+holds generator parameters), once per optimizer and logging step (an RL step updates many times). On a
+logging step the norms are computed with fused `_foreach` kernels and collected on the device; one host
+sync at the end of the batch reads them all. Other steps cost one integer comparison.
 """
 
 import math
@@ -60,6 +60,7 @@ class GradientMonitor(L.Callback):
         self._before_step: dict[int, tuple[list[str], torch.Tensor, list[torch.Tensor], list[torch.Tensor],
                                            torch.Tensor]] = {}
         self._pending: list[tuple[list[str], torch.Tensor]] = []
+        self._measured: dict[int, int] = {}  # optimizer -> the step its gradients were last measured at
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._names = {p: layer_name(n) for n, p in pl_module.named_parameters()}
@@ -70,8 +71,9 @@ class GradientMonitor(L.Callback):
         step = log_step(trainer)
         log_norms = step % self.log_every_n_steps == 0
         log_hist = self.histogram_every_n_steps > 0 and step % self.histogram_every_n_steps == 0
-        if not (log_norms or log_hist) or not trainer.loggers:
+        if not (log_norms or log_hist) or not trainer.loggers or self._measured.get(id(optimizer)) == step:
             return
+        self._measured[id(optimizer)] = step  # an RL step updates many times: its first update speaks for it
         layers = params_by_layer(optimizer, self._names)
         if not layers:
             return

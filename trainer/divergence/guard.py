@@ -105,8 +105,8 @@ class DivergenceGuard(L.Callback):
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not params:
             return
-        norms = torch.stack(torch._foreach_norm([p.grad.detach() for p in params])).float()
-        total = norms.square().sum().sqrt().item()  # the one read per optimizer step
+        norms = torch.stack(torch._foreach_norm([p.grad for p in params]))
+        total = torch.linalg.vector_norm(norms, dtype=torch.float32).item()  # the one read per optimizer step
         network = self._names.get(params[0], "model").split(".", 1)[0]
         if not math.isfinite(total):
             if self.enabled["nonfinite"] and trainer.precision != "16-mixed":  # fp16's scaler skips these itself
