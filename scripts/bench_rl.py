@@ -139,6 +139,7 @@ def plain_dqn(t: dict, seed: int, log: list) -> float:
     rng = np.random.default_rng(seed)
     envs = make_envs(t["env_id"], 1)
     n_obs, n_act = envs.single_observation_space.shape[0], envs.single_action_space.n
+    envs.single_action_space.seed(seed)
 
     def q_net() -> nn.Module:
         return nn.Sequential(nn.Linear(n_obs, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, n_act))
