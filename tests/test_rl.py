@@ -11,8 +11,9 @@ from conftest import compose_config, run_cli
 from test_bad_input import assert_clean_failure
 
 from tests.wandb_offline import find_runs, read_run
-from trainer.envs import SensorNoise, env_seeds
+from trainer.envs import EnvSpec, SensorNoise, env_seeds
 from trainer.errors import UserError
+from trainer.models.rl import QNetwork
 from trainer.run import build_task, train
 from trainer.tasks.ppo import gae
 
@@ -145,6 +146,32 @@ def test_dqn_resumes_with_or_without_its_replay_buffer(tmp_path, save_buffer):
     # With the buffer, every resumed step learns; without it, learning waits for learning_starts transitions.
     updates = (3000 - 1500) // 10 - (0 if save_buffer else 500 // 10 - 1)
     assert checkpoint["global_step"] == (1500 - 500) // 10 + 1 + updates
+
+
+def test_q_network_acts_in_numpy_as_it_does_in_torch():
+    torch.manual_seed(0)
+    spec = EnvSpec("CartPole-v1")
+    q = QNetwork(spec.observation_space, spec.action_space)
+    obs = np.random.default_rng(0).standard_normal((256, 4)).astype(np.float32)
+
+    def by_torch() -> np.ndarray:
+        with torch.no_grad():
+            return q.greedy(torch.from_numpy(obs)).numpy()
+
+    before = q.act(obs)
+    assert (before == by_torch()).all()
+    # An optimizer step writes the weights in place; the NumPy views see it.
+    optimizer = torch.optim.SGD(q.parameters(), lr=1.0)
+    greedy = int(np.bincount(before).argmax())
+    q(torch.from_numpy(obs))[:, greedy].sum().backward()  # descending the favourite's Q: the other action wins
+    optimizer.step()
+    after = q.act(obs)
+    assert (after == 1 - greedy).all() and (after == by_torch()).all()
+    # New storage (a dtype or device move) gets new views.
+    q.double()
+    with torch.no_grad():
+        q.net[-1].bias.copy_(torch.tensor([0.0, 0.0]).index_fill_(0, torch.tensor(greedy), 1e6))
+    assert (q.act(obs) == greedy).all()
 
 
 def test_the_gpu_preset_leaves_rl_without_a_data_module(tmp_path):

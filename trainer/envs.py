@@ -101,8 +101,9 @@ class EnvSpec:
 
 
 class TrainingEnvs:
-    """One rank's training environments, stepped with tensors: the current observations and done flags, the
-    env steps of all ranks together, and (return, length) of the episodes that ended since the last read.
+    """One rank's training environments: the current observations and done flags (NumPy, as the environments
+    give them; each task converts what its model needs), the env steps of all ranks together, and (return,
+    length) of the episodes that ended since the last read.
 
     A plain object, not part of the LightningModule: its fields change every env step, and setting an
     attribute of an nn.Module costs microseconds that add up at thousands of steps per second."""
@@ -112,24 +113,22 @@ class TrainingEnvs:
         self.vector = spec.make_vector(num_envs)
         self.env_steps = 0
         self.episodes: list[tuple[float, int]] = []
-        self.obs = self.done = torch.zeros(0)
-        self.device = torch.device("cpu")
+        self.obs = np.zeros((num_envs, *spec.observation_space.shape), np.float32)
+        self.done = np.zeros(num_envs, bool)
 
-    def reset(self, seeds: list[int], device: torch.device) -> None:
-        """New episodes; observations from here on are tensors on `device` (the model's, once it is placed)."""
-        self.device = device
-        obs, _ = self.vector.reset(seed=seeds)
-        self.obs, self.done = as_tensor(obs, self.device), torch.zeros(self.num_envs, device=self.device)
+    def reset(self, seeds: list[int]) -> None:
+        self.obs, _ = self.vector.reset(seed=seeds)
+        self.done = np.zeros(self.num_envs, bool)
 
-    def step(self, actions: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray, dict]:
+    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict]:
         """(next observations, rewards, terminated, truncated, infos); `obs` and `done` move on."""
-        obs, rewards, terminated, truncated, infos = self.vector.step(to_env(self.spec, actions))
+        obs, rewards, terminated, truncated, infos = self.vector.step(actions)
         if "episode" in infos:
             ended = infos["_episode"]
             self.episodes += zip(infos["episode"]["r"][ended].tolist(), infos["episode"]["l"][ended].tolist())
         self.env_steps += self.num_envs * self.world_size
-        self.obs, self.done = as_tensor(obs, self.device), as_tensor(terminated | truncated, self.device)
-        return self.obs, rewards, terminated, truncated, infos
+        self.obs, self.done = obs, terminated | truncated
+        return obs, rewards, terminated, truncated, infos
 
     def take_episodes(self) -> list[tuple[float, int]]:
         episodes, self.episodes = self.episodes, []

@@ -13,7 +13,6 @@ transitions; without it, a resumed run refills `learning_starts` transitions bef
 """
 
 import copy
-import random
 from collections.abc import Callable
 from typing import Any
 
@@ -21,10 +20,10 @@ import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from trainer.envs import EnvSpec
 from trainer.errors import UserError
+from trainer.models.rl import QNetwork
 from trainer.tasks.rl import RLTask
 
 Batch = dict[str, torch.Tensor]
@@ -33,7 +32,7 @@ Batch = dict[str, torch.Tensor]
 class DQN(RLTask):
     def __init__(
         self,
-        q_network: Callable[..., nn.Module],
+        q_network: Callable[..., QNetwork],
         env: EnvSpec,
         seed: int,
         total_env_steps: int = 300_000,
@@ -49,7 +48,7 @@ class DQN(RLTask):
         exploration_fraction: float = 0.5,
         learning_starts: int = 10_000,
         train_frequency: int = 10,
-        updates_per_step: int = 10,
+        updates_per_step: int = 50,
         double_dqn: bool = False,
         save_replay_buffer: bool = True,
         env_steps_per_epoch: int = 10_000,
@@ -77,7 +76,7 @@ class DQN(RLTask):
     def training_step(self, batch: Batch, batch_idx: int) -> None:
         hp = self.hparams
         if batch:  # a replayed divergence bundle: one update on its minibatch
-            self.update(batch)
+            self.step_signals = self.update(batch)
             return
         for _ in range(hp.updates_per_step):
             # 1. Play train_frequency epsilon-greedy steps in the environments, storing every transition.
@@ -85,9 +84,10 @@ class DQN(RLTask):
                 self.play_step()
             # 2. Once the buffer holds learning_starts transitions: one update on a minibatch drawn from it.
             if len(self.buffer) >= hp.learning_starts:
-                self.update(self.buffer.sample(hp.batch_size, self.device))
+                self.step_signals = self.update(self.buffer.sample(hp.batch_size, self.device))
 
-    def update(self, batch: Batch) -> None:
+    def update(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """One gradient step on a minibatch of transitions; returns what the divergence guard watches."""
         hp = self.hparams
         self.step_batch = batch
         # TD target: r + gamma * Q_target(s', a'), a' greedy under Q_target (DQN) or under Q (Double DQN).
@@ -112,31 +112,29 @@ class DQN(RLTask):
             self.target_updates = self.env_steps // hp.target_network_frequency
             for target, online in zip(self.target_network.parameters(), self.q_network.parameters()):
                 target.lerp_(online.detach(), hp.tau)
-
-        self.step_signals = {"td_loss": loss.detach(), "q_values": q.detach().mean(),
-                             "epsilon": torch.tensor(self.epsilon())}
+        return {"td_loss": loss.detach(), "q_values": q.detach().mean()}
 
     def play_step(self) -> None:
         """One epsilon-greedy step of every environment; stores its transitions."""
         envs = self.envs
         obs = envs.obs
-        if random.random() < self.epsilon():
-            actions = torch.randint(self.num_actions, (self.num_envs,), device=self.device)
+        if np.random.random() < self.epsilon():
+            actions = np.random.randint(self.num_actions, size=self.num_envs)
         else:
-            with torch.no_grad():
-                actions = self.q_network(obs).argmax(1)
-        next_obs, rewards, terminated, truncated, infos = envs.step(actions)
+            actions = self.q_network.act(obs)
+        next_obs, rewards, terminated, _, infos = envs.step(actions)
         # An episode that ended here: next_obs already starts the next one; its true last observation is final_obs.
-        next_obs = next_obs.cpu().numpy()
-        ended = np.flatnonzero(terminated | truncated)
-        if len(ended):
+        if envs.done.any():
             next_obs = next_obs.copy()
-            next_obs[ended] = np.stack(infos["final_obs"][ended])
-        self.buffer.add(obs.cpu().numpy(), actions.cpu().numpy(), rewards, next_obs, terminated)
+            next_obs[envs.done] = np.stack(infos["final_obs"][envs.done])
+        self.buffer.add(obs, actions, rewards, next_obs, terminated)
 
     def epsilon(self) -> float:
         start, end, duration = self.exploration
         return start + min(1.0, self.env_steps / duration) * (end - start)
+
+    def schedules(self) -> dict[str, float]:
+        return {"epsilon": self.epsilon()}
 
     def on_train_start(self) -> None:
         super().on_train_start()

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from trainer.envs import EnvSpec
+from trainer.envs import EnvSpec, as_tensor, to_env
 from trainer.tasks.rl import RLTask
 
 Rollout = dict[str, torch.Tensor]
@@ -107,7 +107,6 @@ class PPO(RLTask):
         means = torch.stack(stats).mean(0)
         self.step_signals = dict(zip(["loss", "policy_loss", "value_loss", "entropy", "approx_kl", "clip_frac"], means))
         self.step_signals["explained_variance"] = explained_variance(values, returns)
-        self.step_signals["lr"] = torch.tensor(optimizer.param_groups[0]["lr"])
 
     def collect_rollout(self) -> Rollout:
         """`num_steps` steps of every environment; `dones[t]` marks obs[t] as the first of a new episode."""
@@ -119,17 +118,22 @@ class PPO(RLTask):
                    "next_value": torch.empty(n, device=self.device), "next_done": torch.empty(n, device=self.device)}
         with torch.inference_mode():  # filled in place: the tensors themselves stay usable for autograd
             for t in range(steps):
-                rollout["obs"][t], rollout["dones"][t] = envs.obs, envs.done
-                policy = self.agent.policy(envs.obs)
+                obs = rollout["obs"][t].copy_(torch.from_numpy(envs.obs))  # to the device, once
+                rollout["dones"][t] = torch.from_numpy(envs.done)
+                policy = self.agent.policy(obs)
                 action = policy.sample()
                 rollout["actions"][t], rollout["logprobs"][t] = action, policy.log_prob(action)
-                rollout["values"][t] = self.agent.value(envs.obs)
-                rollout["rewards"][t] = torch.from_numpy(envs.step(action)[1])
-            rollout["next_value"][:], rollout["next_done"][:] = self.agent.value(envs.obs), envs.done
+                rollout["values"][t] = self.agent.value(obs)
+                rollout["rewards"][t] = torch.from_numpy(envs.step(to_env(self.env, action))[1])
+            last_obs = as_tensor(envs.obs, self.device)
+            rollout["next_value"][:], rollout["next_done"][:] = self.agent.value(last_obs), torch.from_numpy(envs.done)
         return rollout
 
     def greedy_action(self, obs: torch.Tensor) -> torch.Tensor:
         return self.agent.greedy(obs)
+
+    def schedules(self) -> dict[str, float]:
+        return {"lr": self.optimizers().param_groups[0]["lr"]}
 
 
 def gae(rollout: Rollout, gamma: float, lam: float) -> torch.Tensor:

@@ -67,7 +67,7 @@ class RLTask(L.LightningModule):
         self.total_env_steps, self.env_steps_per_epoch = total_env_steps, env_steps_per_epoch
         self.eval_seeds = list(range(eval_seed, eval_seed + eval_episodes))
         self.video_frames, self.seed = video_frames, seed
-        self.envs: TrainingEnvs | None = None  # made in setup, when the rank and the device are known
+        self.envs: TrainingEnvs | None = None  # made in setup, when the world size is known
         self.step_batch: dict[str, torch.Tensor] = {}
         self.step_signals: dict[str, torch.Tensor] = {}
         self._steps_at_log, self._train_time = 0, 0.0  # env steps at the last log, training seconds since
@@ -86,7 +86,7 @@ class RLTask(L.LightningModule):
 
     def on_train_start(self) -> None:
         # After a resume too: the environments' state is not in a checkpoint, so every run starts new episodes.
-        self.envs.reset(env_seeds(self.seed, self.global_rank, self.env_steps, self.num_envs), self.device)
+        self.envs.reset(env_seeds(self.seed, self.global_rank, self.env_steps, self.num_envs))
         self._steps_at_log, self._train_time = self.env_steps, 0.0
 
     def teardown(self, stage: str) -> None:
@@ -117,7 +117,7 @@ class RLTask(L.LightningModule):
     def log_progress(self) -> None:
         """Per-step signals, the episodes that ended since the last log, and environment steps per second of
         training (playing and learning) since the last log."""
-        metrics = {f"train/{k}": v for k, v in self.step_signals.items()}
+        metrics = {f"train/{k}": v for k, v in {**self.step_signals, **self.schedules()}.items()}
         metrics["train/env_steps"] = float(self.env_steps)
         metrics["train/env_steps_per_sec"] = (self.env_steps - self._steps_at_log) / max(self._train_time, 1e-9)
         self._steps_at_log, self._train_time = self.env_steps, 0.0
@@ -126,6 +126,10 @@ class RLTask(L.LightningModule):
             returns, lengths = zip(*episodes)
             metrics["train/episodic_return"], metrics["train/episodic_length"] = np.mean(returns), np.mean(lengths)
         self.log_dict(metrics)
+
+    def schedules(self) -> dict[str, float]:
+        """Values that follow a schedule (learning rate, exploration), logged with the step signals."""
+        return {}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["env_steps"] = self.env_steps
