@@ -65,6 +65,7 @@ def layer_init(layer: nn.Linear, std: float = np.sqrt(2)) -> nn.Linear:
 def plain_ppo(t: dict, seed: int, log: list) -> float:
     """CleanRL's ppo.py loop; returns training seconds (evaluation excluded)."""
     torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
     envs = make_envs(t["env_id"], t["num_envs"])
     n_obs, n_act = envs.single_observation_space.shape[0], envs.single_action_space.n
     critic = nn.Sequential(layer_init(nn.Linear(n_obs, 64)), nn.Tanh(), layer_init(nn.Linear(64, 64)), nn.Tanh(),
@@ -108,7 +109,7 @@ def plain_ppo(t: dict, seed: int, log: list) -> float:
         b_advantages, b_returns, b_values = advantages.reshape(-1), returns.reshape(-1), values_buf.reshape(-1)
         b_inds = np.arange(batch)
         for _ in range(t["update_epochs"]):
-            np.random.shuffle(b_inds)
+            rng.shuffle(b_inds)
             for start in range(0, batch, minibatch):
                 mb = b_inds[start:start + minibatch]
                 dist = torch.distributions.Categorical(logits=actor(b_obs[mb]))
