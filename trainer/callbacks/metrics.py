@@ -35,9 +35,9 @@ class MetricsFile(L.Callback):
         self.modes = dict(modes or {})
         self.metrics: dict[str, dict[str, Any]] = {}
 
-    def _update(self, trainer: L.Trainer, write: bool) -> None:
-        step = trainer.global_step
-        for name, value in trainer.callback_metrics.items():
+    def record(self, metrics: dict[str, Any], step: int) -> None:
+        """Takes the latest values: each one's final, and its best if it improved."""
+        for name, value in metrics.items():
             value = float(value)
             entry = self.metrics.setdefault(name, {"mode": self.modes.get(name, better_mode(name))})
             entry["final"] = value
@@ -45,6 +45,9 @@ class MetricsFile(L.Callback):
             improved = best is None or (value < best if entry["mode"] == "min" else value > best)
             if math.isfinite(value) and (improved or not math.isfinite(best)):
                 entry["best"], entry["best_step"] = value, step
+
+    def _update(self, trainer: L.Trainer, write: bool) -> None:
+        self.record(trainer.callback_metrics, trainer.global_step)
         if write and trainer.is_global_zero and self.metrics:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.path, self.metrics)

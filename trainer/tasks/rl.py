@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from trainer.data.loading import rank_share
 from trainer.envs import EnvSpec, TrainingEnvs, as_tensor, env_seeds, render_episode, to_env
-from trainer.loggers import is_logging_step, log_step
+from trainer.loggers import is_logging_step, log_now, log_step
 
 
 class EmptyBatches:
@@ -125,7 +125,7 @@ class RLTask(L.LightningModule):
         if episodes:
             returns, lengths = zip(*episodes)
             metrics["train/episodic_return"], metrics["train/episodic_length"] = np.mean(returns), np.mean(lengths)
-        self.log_dict(metrics)
+        log_now(self.trainer, metrics)
 
     def schedules(self) -> dict[str, float]:
         """Values that follow a schedule (learning rate, exploration), logged with the step signals."""
