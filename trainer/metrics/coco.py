@@ -1,0 +1,71 @@
+"""COCO detection AP with pycocotools, the reference implementation (torchmetrics' mAP needs torchvision).
+
+`coco_ap` takes the ground truth as a COCO-format dict and detections as torchvision-style predictions
+(xyxy pixel boxes), and returns AP@[.5:.95], AP50, AP75 and the AP of each category: COCO's 101-point
+interpolated precision, up to 100 detections per image, all object sizes.
+"""
+
+import contextlib
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+
+@dataclass
+class CocoScores:
+    ap: float
+    ap50: float
+    ap75: float
+    per_class: dict[str, float]  # category name -> AP@[.5:.95]; NaN for a category without ground truth
+
+
+def detections_to_coco(image_ids: Sequence[int], predictions: Sequence[dict[str, torch.Tensor]],
+                       label_to_category: Sequence[int]) -> list[dict[str, Any]]:
+    """torchvision-style predictions (xyxy boxes, labels 0..K-1, scores) as COCO result entries."""
+    results = []
+    for image_id, prediction in zip(image_ids, predictions):
+        boxes = prediction["boxes"].detach().float().cpu()
+        boxes[:, 2:] -= boxes[:, :2]  # xyxy -> xywh
+        for box, label, score in zip(boxes.tolist(), prediction["labels"].tolist(), prediction["scores"].tolist()):
+            results.append({"image_id": int(image_id), "category_id": label_to_category[label], "bbox": box,
+                            "score": score})
+    return results
+
+
+def coco_ap(ground_truth: dict[str, Any], detections: list[dict[str, Any]]) -> CocoScores:
+    """AP of COCO result entries against a COCO-format ground truth (images, annotations, categories)."""
+    names = {c["id"]: c["name"] for c in ground_truth["categories"]}
+    if not detections:  # pycocotools cannot load an empty result list; nothing found scores 0
+        has_boxes = {a["category_id"] for a in ground_truth["annotations"]}
+        return CocoScores(0.0, 0.0, 0.0, {n: 0.0 if i in has_boxes else float("nan") for i, n in names.items()})
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        gt = COCO()
+        gt.dataset = _with_defaults(ground_truth)
+        gt.createIndex()
+        evaluation = COCOeval(gt, gt.loadRes(detections), iouType="bbox")
+        evaluation.evaluate()
+        evaluation.accumulate()
+    # precision: [IoU threshold (.5:.05:.95), recall (101 points), category, area range, max detections];
+    # area range 0 is "all", max detections 2 is 100. -1 marks a category without ground truth.
+    precision = evaluation.eval["precision"][:, :, :, 0, 2]
+
+    def mean(p: np.ndarray) -> float:
+        valid = p[p > -1]
+        return float(valid.mean()) if valid.size else float("nan")
+
+    per_class = {names[c]: mean(precision[:, :, k]) for k, c in enumerate(evaluation.params.catIds)}
+    return CocoScores(mean(precision), mean(precision[0]), mean(precision[5]), per_class)
+
+
+def _with_defaults(ground_truth: dict[str, Any]) -> dict[str, Any]:
+    """The fields COCOeval reads that a minimal COCO file may leave out (area, iscrowd), and annotation ids
+    from 1: COCOeval takes id 0 for "unmatched"."""
+    annotations = [{**a, "area": a.get("area", a["bbox"][2] * a["bbox"][3]), "iscrowd": a.get("iscrowd", 0),
+                    "id": i + 1} for i, a in enumerate(ground_truth["annotations"])]
+    return {**ground_truth, "annotations": annotations}

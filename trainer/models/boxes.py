@@ -1,0 +1,65 @@
+"""Box operations for the detector, in plain torch (torchvision's cannot load next to CPU torch here).
+
+Boxes are (x1, y1, x2, y2) in pixels, as in torchvision's detection contract.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def box_area(boxes: torch.Tensor) -> torch.Tensor:
+    return (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
+
+
+def _intersection_union(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairwise intersection and union areas of boxes a (N, 4) and b (M, 4): two (N, M) tensors."""
+    top_left = torch.max(a[:, None, :2], b[None, :, :2])
+    bottom_right = torch.min(a[:, None, 2:], b[None, :, 2:])
+    inter = (bottom_right - top_left).clamp(min=0).prod(-1)
+    return inter, box_area(a)[:, None] + box_area(b)[None, :] - inter
+
+
+def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pairwise intersection over union, (N, M)."""
+    inter, union = _intersection_union(a, b)
+    return inter / union.clamp(min=1e-9)
+
+
+def generalized_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pairwise GIoU (Rezatofighi et al., 2019), (N, M): IoU minus the part of the smallest enclosing box
+    that neither box covers; in [-1, 1], and informative for boxes that do not overlap."""
+    inter, union = _intersection_union(a, b)
+    enclosing = (torch.max(a[:, None, 2:], b[None, :, 2:]) - torch.min(a[:, None, :2], b[None, :, :2])).prod(-1)
+    return inter / union.clamp(min=1e-9) - (enclosing - union) / enclosing.clamp(min=1e-9)
+
+
+def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """Indices of the boxes kept by greedy non-maximum suppression, highest score first."""
+    order = scores.argsort(descending=True)
+    iou = box_iou(boxes[order], boxes[order])
+    # A box survives unless a higher-scoring survivor overlaps it by more than the threshold.
+    keep = torch.ones(len(order), dtype=torch.bool, device=boxes.device)
+    for i in range(len(order)):
+        if keep[i]:
+            keep[i + 1:] &= iou[i, i + 1:] <= iou_threshold
+    return order[keep]
+
+
+def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """NMS within each label: boxes of different classes never suppress each other (they are shifted apart
+    by more than any box's extent)."""
+    if len(boxes) == 0:
+        return torch.empty(0, dtype=torch.long, device=boxes.device)
+    offsets = labels.to(boxes) * (boxes.max() + 1)
+    return nms(boxes + offsets[:, None], scores, iou_threshold)
+
+
+def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25,
+                       gamma: float = 2.0) -> torch.Tensor:
+    """Focal loss (Lin et al., 2017), summed: binary cross-entropy scaled by (1 - p_t)^gamma, so that the
+    many easy negatives of a dense detector do not drown the few positives; alpha weighs the positives."""
+    p = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = p * targets + (1 - p) * (1 - targets)
+    alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
+    return (alpha_t * (1 - p_t) ** gamma * ce).sum()
