@@ -1,10 +1,17 @@
 """Detection building blocks: box operations, focal loss and COCO AP, each against values worked out by hand."""
 
+import json
 import math
+import random
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from trainer.data.coco import CocoDetection, collate
+from trainer.data.digit_canvases import INK, write_digit_canvases
+from trainer.errors import UserError
 from trainer.metrics.coco import coco_ap, detections_to_coco
 from trainer.models.boxes import batched_nms, box_iou, generalized_box_iou, nms, sigmoid_focal_loss
 
@@ -79,3 +86,71 @@ def test_predictions_convert_from_xyxy_labels_to_coco_entries():
                     "scores": torch.tensor([0.5])}]
     assert detections_to_coco([7], predictions, label_to_category=[3, 9]) == [
         {"image_id": 7, "category_id": 9, "bbox": [10.0, 20.0, 20.0, 40.0], "score": 0.5}]
+
+
+def test_digit_canvases_are_a_coco_data_set_with_exact_boxes(tmp_path):
+    root = write_digit_canvases(tmp_path, train_images=40, val_images=10, seed=3)
+    first = (root / "annotations" / "train.json").read_text()
+    assert write_digit_canvases(tmp_path, train_images=40, val_images=10, seed=3) == root  # reused, not redrawn
+    assert (root / "annotations" / "train.json").read_text() == first
+    data = CocoDetection(root / "annotations" / "train.json", root / "train")
+    assert len(data) == 40 and data.class_names == [str(d) for d in range(10)]
+    empty = 0
+    for image, target in data:
+        assert image.shape == (3, 96, 96) and 0 <= image.min() and image.max() <= 1
+        empty += len(target["boxes"]) == 0
+        for x1, y1, x2, y2 in target["boxes"].round().long().tolist():
+            ink = image[0, y1:y2, x1:x2] * 255
+            # Tight: ink touches every side of the box.
+            assert ink[0].max() >= INK and ink[-1].max() >= INK and ink[:, 0].max() >= INK and ink[:, -1].max() >= INK
+    assert 0 < empty < 40 and 0 <= int(torch.cat([t["labels"] for _, t in data]).max()) <= 9
+
+
+def one_box_data(tmp_path, **kwargs) -> CocoDetection:
+    """A 40x20 black image with a white 6x4 rectangle at x=2, y=3, annotated exactly."""
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[3:7, 2:8] = 255
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    coco = {"images": [{"id": 1, "file_name": "a.png", "width": 40, "height": 20}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 5, "bbox": [2, 3, 6, 4]}],
+            "categories": [{"id": 5, "name": "five"}]}
+    (tmp_path / "a.json").write_text(json.dumps(coco))
+    return CocoDetection(tmp_path / "a.json", tmp_path, **kwargs)
+
+
+def test_flips_and_resizes_keep_boxes_on_their_objects(tmp_path):
+    random.seed(0)
+    data = one_box_data(tmp_path, sizes=(80,), hflip=1.0)
+    image, target = data[0]
+    assert image.shape == (3, 40, 80) and target["labels"].tolist() == [0]
+    # Flipped in a 40-wide image: x from 2..8 to 32..38; then everything doubles.
+    assert target["boxes"].tolist() == [[64.0, 6.0, 76.0, 14.0]]
+    # The rectangle's brightness (blurred at its edges by the resize) is centred on the box and inside it.
+    brightness = image[0]
+    ys, xs = torch.meshgrid(torch.arange(40.0) + 0.5, torch.arange(80.0) + 0.5, indexing="ij")
+    centre = [(xs * brightness).sum() / brightness.sum(), (ys * brightness).sum() / brightness.sum()]
+    assert torch.allclose(torch.stack(centre), torch.tensor([70.0, 10.0]), atol=0.01)
+    assert brightness[5:15, 63:77].sum() == pytest.approx(brightness.sum())  # the blur spreads 1 px at most
+    images, targets = collate([data[0], one_box_data(tmp_path)[0]])
+    assert [i.shape[-1] for i in images] == [80, 40] and len(targets) == 2
+
+
+@pytest.mark.parametrize("break_it, message", [
+    (lambda coco, d: "{not json", "is not valid JSON"),
+    (lambda coco, d: json.dumps({"images": []}), "lacks the COCO list(s) annotations, categories"),
+    (lambda coco, d: json.dumps({**coco, "annotations": [{**coco["annotations"][0], "bbox": [30, 3, 20, 4]}]}),
+     "annotation id 1 (image a.png) has bbox [30, 3, 20, 4] outside its 40x20 image"),
+    (lambda coco, d: json.dumps({**coco, "annotations": [{**coco["annotations"][0], "category_id": 7}]}),
+     "annotation id 1 has category_id 7, which is not among the categories ([5])"),
+    (lambda coco, d: json.dumps({**coco, "images": [{**coco["images"][0], "file_name": "gone.png"}]}),
+     "image id 1 names gone.png, which is not in"),
+    (lambda coco, d: json.dumps({**coco, "annotations": [{**coco["annotations"][0], "image_id": 9}]}),
+     "annotation id 1 refers to image_id 9, which is not among the images"),
+])
+def test_bad_coco_input_is_one_clear_line(tmp_path, break_it, message):
+    one_box_data(tmp_path)
+    coco = json.loads((tmp_path / "a.json").read_text())
+    (tmp_path / "a.json").write_text(break_it(coco, tmp_path))
+    with pytest.raises(UserError) as error:
+        CocoDetection(tmp_path / "a.json", tmp_path)
+    assert message in str(error.value) and "a.json" in str(error.value) and "\n" not in str(error.value)
