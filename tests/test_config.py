@@ -33,7 +33,7 @@ def test_every_exp_composes_and_resolves(exp: str, tmp_path: Path) -> None:
 )
 def test_every_group_option_composes(group: str, option: str, tmp_path: Path) -> None:
     # data and env options belong to a task family
-    exp = {"squad": "qa", "gym": "ppo"}.get(option, "dcgan")
+    exp = {"squad": "qa", "gym": "ppo", "coco": "detector"}.get(option, "dcgan")
     overrides = [f"+exp={exp}", f"{group}={option}"]
     if option == "image_folder":
         overrides.append(f"data.root={tmp_path}")

@@ -7,13 +7,17 @@ import random
 import numpy as np
 import pytest
 import torch
+from conftest import compose_config, run_cli
 from PIL import Image
+from test_bad_input import assert_clean_failure
 
 from trainer.data.coco import CocoDetection, collate
 from trainer.data.digit_canvases import INK, write_digit_canvases
 from trainer.errors import UserError
 from trainer.metrics.coco import coco_ap, detections_to_coco
 from trainer.models.boxes import batched_nms, box_iou, generalized_box_iou, nms, sigmoid_focal_loss
+from trainer.models.detector import FCOSLite
+from trainer.run import train
 
 
 def test_iou_and_giou_by_hand():
@@ -154,3 +158,59 @@ def test_bad_coco_input_is_one_clear_line(tmp_path, break_it, message):
     with pytest.raises(UserError) as error:
         CocoDetection(tmp_path / "a.json", tmp_path)
     assert message in str(error.value) and "a.json" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_the_detector_follows_torchvisions_contract_and_its_loss_decreases(tmp_path):
+    torch.manual_seed(0)
+    root = write_digit_canvases(tmp_path, train_images=8, val_images=2, seed=1)
+    data = CocoDetection(root / "annotations" / "train.json", root / "train")
+    images, targets = collate([data[i] for i in range(8)])
+    model = FCOSLite(num_classes=10, width=8)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):  # the same 8 images again and again: the loss must fall
+        loss_parts = model(images, targets)
+        assert set(loss_parts) == {"loss_classifier", "loss_box", "loss_centerness"}
+        loss = sum(loss_parts.values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    model.eval()
+    with torch.no_grad():
+        detections = model([images[0], images[1][:, :80, :72]])  # any image size
+    assert [d["boxes"].shape[1] for d in detections] == [4, 4]
+    assert all(d["boxes"][:, 2:].le(torch.tensor([96.0, 96.0])).all() for d in detections[:1])
+    assert detections[1]["boxes"][:, 0::2].max() <= 72 and detections[1]["boxes"][:, 1::2].max() <= 80
+    assert all(len(d["labels"]) == len(d["scores"]) == len(d["boxes"]) for d in detections)
+
+
+SMALL_CANVASES = ["data.canvases.train_images=64", "data.canvases.val_images=16"]
+
+
+@pytest.mark.slow
+def test_done_when_command_writes_ap_to_metrics_json(tmp_path, home):
+    run_dir = tmp_path / "run"
+    done = run_cli("+exp=detector", "++trainer.max_epochs=1", "++trainer.limit_train_batches=4",
+                   "++trainer.limit_val_batches=2", *SMALL_CANVASES, f"hydra.run.dir={run_dir}", home=home)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("val/AP", "val/AP50", "val/AP75"):
+        assert metrics[key]["mode"] == "max" and 0.0 <= metrics[key]["final"] <= 1.0
+
+
+@pytest.mark.slow
+def test_a_malformed_coco_file_fails_the_run_in_one_line(tmp_path, home):
+    (tmp_path / "bad.json").write_text('{"images": [')
+    paths = [f"data.{split}_{kind}={tmp_path / ('bad.json' if kind == 'annotations' else '')}"
+             for split in ("train", "val") for kind in ("annotations", "images")]
+    done = run_cli("+exp=detector", *paths, f"hydra.run.dir={tmp_path / 'run'}", home=home)
+    assert_clean_failure(done, "bad.json is not valid JSON")
+
+
+def test_a_model_sized_for_other_classes_is_refused(tmp_path):
+    cfg = compose_config("+exp=detector", "model.detector.num_classes=3", *SMALL_CANVASES,
+                         f"data.cache_dir={tmp_path}", "logger=none", run_dir=tmp_path / "run")
+    with pytest.raises(UserError, match="model.detector.num_classes=3, but the data has 10 categories"):
+        train(cfg)

@@ -10,11 +10,14 @@ import random
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from trainer.data.digit_canvases import write_digit_canvases
+from trainer.data.loading import ResumableLoader
 from trainer.errors import UserError
 
 Target = dict[str, torch.Tensor]
@@ -128,3 +131,55 @@ def collate(batch: list[tuple[torch.Tensor, Target]]) -> tuple[list[torch.Tensor
     """Images of different sizes stay a list, as torchvision's detection models take them."""
     images, targets = zip(*batch)
     return list(images), list(targets)
+
+
+class CocoDataModule(L.LightningDataModule):
+    """Train and validation COCO files; without them, the embedded digit canvases (written once to
+    `cache_dir`, trainer/data/digit_canvases.py)."""
+
+    def __init__(self, train_annotations: str | None = None, train_images: str | None = None,
+                 val_annotations: str | None = None, val_images: str | None = None,
+                 canvases: dict[str, Any] | None = None, cache_dir: str = ".", sizes: tuple[int, ...] = (),
+                 hflip: float = 0.0, jitter: float = 0.0, batch_size: int = 16,
+                 num_workers: int = 0, seed: int = 0):
+        super().__init__()
+        paths = (train_annotations, train_images, val_annotations, val_images)
+        if any(paths) and not all(paths):
+            raise UserError("data.train_annotations, train_images, val_annotations and val_images go together: "
+                            "set all four, or none for the embedded digit canvases")
+        self.paths, self.canvases, self.cache_dir = paths, dict(canvases or {}), Path(cache_dir)
+        self.sizes, self.hflip, self.jitter = tuple(sizes), hflip, jitter  # training only
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.train_set: CocoDetection | None = None
+        self.val_set: CocoDetection | None = None
+
+    def prepare_data(self) -> None:
+        if not any(self.paths):
+            write_digit_canvases(self.canvas_root, **self.canvases)
+
+    @property
+    def canvas_root(self) -> Path:
+        return self.cache_dir / "digit_canvases"
+
+    def setup(self, stage: str) -> None:
+        if self.train_set is not None:
+            return
+        root = self.canvas_root
+        train_annotations, train_images, val_annotations, val_images = self.paths if any(self.paths) else (
+            root / "annotations" / "train.json", root / "train", root / "annotations" / "val.json", root / "val")
+        self.train_set = CocoDetection(train_annotations, train_images, self.sizes, self.hflip, self.jitter)
+        self.val_set = CocoDetection(val_annotations, val_images)  # at full size: AP in the file's pixels
+        if self.train_set.category_ids != self.val_set.category_ids:
+            raise UserError(f"{train_annotations} and {val_annotations} have different categories: "
+                            "both splits need the same category list")
+
+    def _loader(self, dataset: CocoDetection, shuffle: bool) -> ResumableLoader:
+        return ResumableLoader(dataset, batch_size=self.batch_size, seed=self.seed, shuffle=shuffle,
+                               drop_last=shuffle, num_workers=self.num_workers, collate_fn=collate,
+                               persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> ResumableLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> ResumableLoader:
+        return self._loader(self.val_set, shuffle=False)

@@ -1,0 +1,81 @@
+"""Object detection: a detector that follows torchvision's contract (trainer/models/detector.py, or a
+torchvision model by `_target_`), trained on the sum of its losses and validated by COCO AP.
+
+Validation collects every image's detections, and at the end of the epoch scores them against the
+validation file's boxes with pycocotools (trainer/metrics/coco.py): val/AP (AP@[.5:.95]), val/AP50, val/AP75.
+"""
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from trainer.data.coco import Target
+from trainer.errors import UserError
+from trainer.loggers import is_logging_step
+from trainer.metrics.coco import coco_ap, detections_to_coco
+
+Batch = tuple[list[torch.Tensor], list[Target]]
+
+
+class Detection(L.LightningModule):
+    def __init__(self, detector: nn.Module, lr: float = 2e-3, weight_decay: float = 1e-4, warmup_ratio: float = 0.05):
+        super().__init__()
+        self.save_hyperparameters(ignore=["detector"])
+        self.detector = detector
+        self._detections: list[dict[str, Any]] = []
+        self._image_ids: list[int] = []
+
+    def setup(self, stage: str) -> None:
+        classes = len(self.trainer.datamodule.val_set.category_ids)
+        expected = getattr(self.detector, "num_classes", classes)
+        if expected != classes:
+            raise UserError(f"model.detector.num_classes={expected}, but the data has {classes} categories: "
+                            f"set model.detector.num_classes={classes}")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay,
+                                      fused=self.device.type in ("cpu", "cuda"))
+        total = max(1, self.trainer.estimated_stepping_batches)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, hp.lr, total_steps=total,
+                                                       pct_start=hp.warmup_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        images, targets = batch
+        losses = self.detector(images, targets)
+        loss = sum(losses.values())
+        # What the divergence guard watches every step; written to the loggers on logging steps.
+        self.step_signals = {"loss": loss.detach(), **{k: v.detach() for k, v in losses.items()}}
+        if is_logging_step(self.trainer):
+            self.log_dict({f"train/{k}": v for k, v in self.step_signals.items()})
+        return loss
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        images, targets = batch
+        ids = [int(t["image_id"]) for t in targets]
+        self._image_ids += ids
+        self._detections += detections_to_coco(ids, self.detector(images), self.trainer.datamodule.val_set.category_ids)
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._image_ids:
+            return
+        detections, image_ids = self._detections, self._image_ids
+        self._detections, self._image_ids = [], []
+        if self.trainer.world_size > 1:  # each rank saw its share of the images: score them all, everywhere
+            gathered: list[Any] = [None] * self.trainer.world_size
+            dist.all_gather_object(gathered, (detections, image_ids))
+            detections = [d for part, _ in gathered for d in part]
+            image_ids = [i for _, part in gathered for i in part]
+        scores = coco_ap(self.ground_truth(set(image_ids)), detections)
+        self.log_dict({"val/AP": scores.ap, "val/AP50": scores.ap50, "val/AP75": scores.ap75}, sync_dist=False)
+
+    def ground_truth(self, image_ids: set[int]) -> dict[str, Any]:
+        """The validation file restricted to the images evaluated (all of them, unless limit_val_batches)."""
+        coco = self.trainer.datamodule.val_set.coco
+        return {"images": [i for i in coco["images"] if i["id"] in image_ids],
+                "annotations": [a for a in coco["annotations"] if a["image_id"] in image_ids],
+                "categories": coco["categories"]}
