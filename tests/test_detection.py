@@ -11,6 +11,7 @@ from conftest import compose_config, run_cli
 from PIL import Image
 from test_bad_input import assert_clean_failure
 
+from tests.wandb_offline import find_runs, read_run
 from trainer.data.coco import CocoDetection, collate
 from trainer.data.digit_canvases import INK, write_digit_canvases
 from trainer.errors import UserError
@@ -80,6 +81,7 @@ def test_coco_ap_matches_hand_made_cases():
     # Per class: "one" found, "two" missed; a class without ground truth is NaN, not 0.
     split = coco_ap(gt, [detection(1, 1, [10, 10, 20, 20], 0.9)])
     assert split.per_class == pytest.approx({"one": 1.0, "two": 0.0}) and split.ap == pytest.approx(0.5)
+    assert split.per_class50 == pytest.approx({"one": 1.0, "two": 0.0})
     absent = coco_ap(ground_truth([(1, [0, 0, 10, 10])]), [detection(1, 1, [0, 0, 10, 10], 0.9)])
     assert absent.per_class["one"] == pytest.approx(1.0) and math.isnan(absent.per_class["two"])
     assert coco_ap(gt, []).ap50 == 0.0
@@ -198,6 +200,13 @@ def test_done_when_command_writes_ap_to_metrics_json(tmp_path, home):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     for key in ("val/AP", "val/AP50", "val/AP75"):
         assert metrics[key]["mode"] == "max" and 0.0 <= metrics[key]["final"] <= 1.0
+    # W&B: validation images with predicted and true boxes, and the per-class AP table.
+    run = read_run(find_runs(run_dir / "wandb")[0])
+    overlays, table = run.summary["val/boxes"], run.summary["val/per_class_AP"]
+    assert overlays["_type"] == "images/separated" and overlays["count"] == 8
+    truth = json.loads(run.file_path(overlays["all_boxes"][0]["ground_truth"]["path"]).read_text())
+    assert truth["box_data"] and {"position", "class_id"} <= truth["box_data"][0].keys()
+    assert table["_type"] == "table-file" and (table["nrows"], table["ncols"]) == (10, 3)
 
 
 @pytest.mark.slow

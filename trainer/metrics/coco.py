@@ -1,7 +1,7 @@
 """COCO detection AP with pycocotools, the reference implementation (torchmetrics' mAP needs torchvision).
 
 `coco_ap` takes the ground truth as a COCO-format dict and detections as torchvision-style predictions
-(xyxy pixel boxes), and returns AP@[.5:.95], AP50, AP75 and the AP of each category: COCO's 101-point
+(xyxy pixel boxes), and returns AP@[.5:.95], AP50, AP75 and each category's AP and AP50: COCO's 101-point
 interpolated precision, up to 100 detections per image, all object sizes.
 """
 
@@ -23,6 +23,7 @@ class CocoScores:
     ap50: float
     ap75: float
     per_class: dict[str, float]  # category name -> AP@[.5:.95]; NaN for a category without ground truth
+    per_class50: dict[str, float]  # category name -> AP50
 
 
 def detections_to_coco(image_ids: Sequence[int], predictions: Sequence[dict[str, torch.Tensor]],
@@ -43,7 +44,8 @@ def coco_ap(ground_truth: dict[str, Any], detections: list[dict[str, Any]]) -> C
     names = {c["id"]: c["name"] for c in ground_truth["categories"]}
     if not detections:  # pycocotools cannot load an empty result list; nothing found scores 0
         has_boxes = {a["category_id"] for a in ground_truth["annotations"]}
-        return CocoScores(0.0, 0.0, 0.0, {n: 0.0 if i in has_boxes else float("nan") for i, n in names.items()})
+        per_class = {n: 0.0 if i in has_boxes else float("nan") for i, n in names.items()}
+        return CocoScores(0.0, 0.0, 0.0, per_class, dict(per_class))
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
         gt = COCO()
         gt.dataset = _with_defaults(ground_truth)
@@ -59,8 +61,10 @@ def coco_ap(ground_truth: dict[str, Any], detections: list[dict[str, Any]]) -> C
         valid = p[p > -1]
         return float(valid.mean()) if valid.size else float("nan")
 
-    per_class = {names[c]: mean(precision[:, :, k]) for k, c in enumerate(evaluation.params.catIds)}
-    return CocoScores(mean(precision), mean(precision[0]), mean(precision[5]), per_class)
+    categories = list(enumerate(evaluation.params.catIds))
+    return CocoScores(mean(precision), mean(precision[0]), mean(precision[5]),
+                      per_class={names[c]: mean(precision[:, :, k]) for k, c in categories},
+                      per_class50={names[c]: mean(precision[0, :, k]) for k, c in categories})
 
 
 def _with_defaults(ground_truth: dict[str, Any]) -> dict[str, Any]:

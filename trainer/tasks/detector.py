@@ -10,23 +10,26 @@ from typing import Any
 import lightning as L
 import torch
 import torch.distributed as dist
+from lightning.pytorch.loggers import WandbLogger
 from torch import nn
 
 from trainer.data.coco import Target
 from trainer.errors import UserError
-from trainer.loggers import is_logging_step
-from trainer.metrics.coco import coco_ap, detections_to_coco
+from trainer.loggers import is_logging_step, log_step
+from trainer.metrics.coco import CocoScores, coco_ap, detections_to_coco
 
 Batch = tuple[list[torch.Tensor], list[Target]]
 
 
 class Detection(L.LightningModule):
-    def __init__(self, detector: nn.Module, lr: float = 2e-3, weight_decay: float = 1e-4, warmup_ratio: float = 0.05):
+    def __init__(self, detector: nn.Module, lr: float = 2e-3, weight_decay: float = 1e-4, warmup_ratio: float = 0.05,
+                 overlay_images: int = 8):
         super().__init__()
         self.save_hyperparameters(ignore=["detector"])
         self.detector = detector
         self._detections: list[dict[str, Any]] = []
         self._image_ids: list[int] = []
+        self._overlays: list[tuple[torch.Tensor, Target, dict[str, torch.Tensor]]] = []  # for W&B
 
     def setup(self, stage: str) -> None:
         classes = len(self.trainer.datamodule.val_set.category_ids)
@@ -57,8 +60,11 @@ class Detection(L.LightningModule):
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         images, targets = batch
         ids = [int(t["image_id"]) for t in targets]
+        predictions = self.detector(images)
         self._image_ids += ids
-        self._detections += detections_to_coco(ids, self.detector(images), self.trainer.datamodule.val_set.category_ids)
+        self._detections += detections_to_coco(ids, predictions, self.trainer.datamodule.val_set.category_ids)
+        room = self.hparams.overlay_images - len(self._overlays)
+        self._overlays += [(i.cpu(), t, p) for i, t, p in zip(images[:room], targets, predictions)]
 
     def on_validation_epoch_end(self) -> None:
         if not self._image_ids:
@@ -72,6 +78,9 @@ class Detection(L.LightningModule):
             image_ids = [i for _, part in gathered for i in part]
         scores = coco_ap(self.ground_truth(set(image_ids)), detections)
         self.log_dict({"val/AP": scores.ap, "val/AP50": scores.ap50, "val/AP75": scores.ap75}, sync_dist=False)
+        overlays, self._overlays = self._overlays, []
+        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            log_to_wandb(self.trainer, overlays, scores, self.trainer.datamodule.val_set.class_names)
 
     def ground_truth(self, image_ids: set[int]) -> dict[str, Any]:
         """The validation file restricted to the images evaluated (all of them, unless limit_val_batches)."""
@@ -79,3 +88,34 @@ class Detection(L.LightningModule):
         return {"images": [i for i in coco["images"] if i["id"] in image_ids],
                 "annotations": [a for a in coco["annotations"] if a["image_id"] in image_ids],
                 "categories": coco["categories"]}
+
+
+def log_to_wandb(trainer: L.Trainer, overlays: list[tuple[torch.Tensor, Target, dict[str, torch.Tensor]]],
+                 scores: CocoScores, class_names: list[str]) -> None:
+    """Validation images with predicted and true boxes as W&B box overlays, and a table of per-class AP."""
+    loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+    if not loggers:
+        return
+    import wandb
+
+    classes = dict(enumerate(class_names))
+
+    def boxes(boxes: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor | None = None) -> dict[str, Any]:
+        data = []
+        for k, ((x1, y1, x2, y2), label) in enumerate(zip(boxes.tolist(), labels.tolist())):
+            entry = {"position": {"minX": x1, "minY": y1, "maxX": x2, "maxY": y2}, "domain": "pixel",
+                     "class_id": label, "box_caption": classes[label]}
+            if scores is not None:
+                entry["scores"] = {"score": float(scores[k])}
+                entry["box_caption"] += f" {float(scores[k]):.2f}"
+            data.append(entry)
+        return {"box_data": data, "class_labels": classes}
+
+    images = [wandb.Image(image.permute(1, 2, 0).numpy(),
+                          boxes={"predictions": boxes(p["boxes"], p["labels"], p["scores"]),
+                                 "ground_truth": boxes(t["boxes"], t["labels"])})
+              for image, t, p in overlays]
+    table = wandb.Table(columns=["class", "AP", "AP50"],
+                        data=[[name, scores.per_class[name], scores.per_class50[name]] for name in class_names])
+    for logger in loggers:
+        logger.log_metrics({"val/boxes": images, "val/per_class_AP": table}, step=log_step(trainer))
