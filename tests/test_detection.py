@@ -179,6 +179,10 @@ def test_the_detector_follows_torchvisions_contract_and_its_loss_decreases(tmp_p
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+    # Images without objects are negatives: only the classifier has something to learn from them.
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}
+    negatives = model(images[:2], [empty, empty])
+    assert negatives["loss_classifier"] > 0 and negatives["loss_box"] == 0 == negatives["loss_centerness"]
     model.eval()
     with torch.no_grad():
         detections = model([images[0], images[1][:, :80, :72]])  # any image size
