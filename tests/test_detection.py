@@ -18,6 +18,7 @@ from trainer.errors import UserError
 from trainer.metrics.coco import coco_ap, detections_to_coco
 from trainer.models.boxes import batched_nms, box_iou, generalized_box_iou, nms, sigmoid_focal_loss
 from trainer.models.detector import FCOSLite
+from trainer.replay import replay
 from trainer.run import train
 
 
@@ -227,3 +228,15 @@ def test_a_model_sized_for_other_classes_is_refused(tmp_path):
                          f"data.cache_dir={tmp_path}", "logger=none", run_dir=tmp_path / "run")
     with pytest.raises(UserError, match="model.detector.num_classes=3, but the data has 10 categories"):
         train(cfg)
+
+
+def test_a_poisoned_detector_batch_halts_and_replays(tmp_path):
+    # A bundle of a detector step holds a batch of image lists and target dicts; replay re-runs it alone.
+    run_dir = tmp_path / "run"
+    cfg = compose_config("+exp=detector", *SMALL_CANVASES, f"data.cache_dir={tmp_path}", "logger=none",
+                         "++trainer.limit_train_batches=4", "++trainer.max_epochs=1", "divergence.inject.step=2",
+                         "divergence.action=halt", run_dir=run_dir)
+    with pytest.raises(UserError, match="divergence at step 2"):
+        train(cfg)
+    reproduced, probe, _ = replay(str(run_dir / "divergence" / "step000002-nonfinite"))
+    assert reproduced and probe.first_nonfinite_output == "detector.backbone.0.0"  # the batch's first layer

@@ -32,6 +32,8 @@ class Detection(L.LightningModule):
         self._overlays: list[tuple[torch.Tensor, Target, dict[str, torch.Tensor]]] = []  # for W&B
 
     def setup(self, stage: str) -> None:
+        if self.trainer.datamodule is None:  # a divergence replay brings its one batch, no data module
+            return
         classes = len(self.trainer.datamodule.val_set.category_ids)
         expected = getattr(self.detector, "num_classes", classes)
         if expected != classes:
