@@ -61,7 +61,7 @@ class Detection(L.LightningModule):
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         images, targets = batch
-        ids = [int(t["image_id"]) for t in targets]
+        ids = torch.stack([t["image_id"] for t in targets]).tolist()  # one read, not one per image
         predictions = self.detector(images)
         self._image_ids += ids
         self._detections += detections_to_coco(ids, predictions, self.trainer.datamodule.val_set.category_ids)

@@ -141,7 +141,7 @@ class DQN(RLTask):
         self.target_updates = self.env_steps // self.hparams.target_network_frequency
 
     def greedy_action(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.q_network(obs).argmax(1)
+        return self.q_network.greedy(obs)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
