@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from trainer.divergence.guard import step_signals
+from trainer.tasks.base import step_report
 
 
 class InitialLossCheck(L.Callback):
@@ -28,10 +28,10 @@ class InitialLossCheck(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any) -> None:
         if self.first_loss is not None or trainer.global_step > 1:
             return
-        signals = step_signals(pl_module, outputs)
-        if "loss" not in signals:
+        report = step_report(pl_module, outputs)
+        if report is None or not report.losses:
             return
-        self.first_loss = float(signals["loss"])
+        self.first_loss = float(sum(v.float() for v in report.losses.values()))
         off_by = abs(self.first_loss - self.expected) / self.expected
         for logger in trainer.loggers:
             logger.log_metrics({"checks/initial_loss": self.first_loss, "checks/log_num_classes": self.expected}, 0)

@@ -15,7 +15,7 @@ import lightning as L
 import numpy as np
 from omegaconf import DictConfig, open_dict
 
-from trainer.divergence.guard import step_signals
+from trainer.tasks.base import step_report
 
 
 def lr_find_config(cfg: DictConfig) -> DictConfig:
@@ -52,7 +52,8 @@ class LRRangeTest(L.Callback):
         self.lrs.append(lr)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any) -> None:
-        loss = float(sum(v.detach().float() for k, v in step_signals(pl_module, outputs).items() if k.startswith("loss")))
+        report = step_report(pl_module, outputs)
+        loss = float(sum(v.float() for v in report.losses.values())) if report is not None else math.nan
         self._average = self.smoothing * self._average + (1 - self.smoothing) * loss
         smoothed = self._average / (1 - self.smoothing ** len(self.lrs))  # bias-corrected
         self.losses.append(smoothed)

@@ -15,13 +15,14 @@ from torch import nn
 
 from trainer.data.coco import Target
 from trainer.errors import UserError
-from trainer.loggers import is_logging_step, log_step
+from trainer.loggers import log_step
 from trainer.metrics.coco import CocoScores, coco_ap, detections_to_coco
+from trainer.tasks.base import StepReport, Task
 
 Batch = tuple[list[torch.Tensor], list[Target]]
 
 
-class Detection(L.LightningModule):
+class Detection(Task):
     def __init__(self, detector: nn.Module, lr: float = 2e-3, weight_decay: float = 1e-4, warmup_ratio: float = 0.05,
                  overlay_images: int = 8):
         super().__init__()
@@ -53,10 +54,8 @@ class Detection(L.LightningModule):
         images, targets = batch
         losses = self.detector(images, targets)
         loss = sum(losses.values())
-        # What the divergence guard watches every step; written to the loggers on logging steps.
-        self.step_signals = {"loss": loss.detach(), **{k: v.detach() for k, v in losses.items()}}
-        if is_logging_step(self.trainer):
-            self.log_dict({f"train/{k}": v for k, v in self.step_signals.items()})
+        # The guard watches each part (trainer/tasks/base.py); the total goes to the loggers too.
+        self.report(StepReport(losses=losses, signals={"loss": loss}))
         return loss
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:

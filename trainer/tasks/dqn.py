@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from trainer.envs import EnvSpec
 from trainer.errors import UserError
 from trainer.models.rl import QNetwork
+from trainer.tasks.base import ValueReport
 from trainer.tasks.rl import RLTask
 
 Batch = dict[str, torch.Tensor]
@@ -76,20 +77,26 @@ class DQN(RLTask):
     def training_step(self, batch: Batch, batch_idx: int) -> None:
         hp = self.hparams
         if batch:  # a replayed divergence bundle: one update on its minibatch
-            self.step_signals = self.update(batch)
-            return
-        for _ in range(hp.updates_per_step):
-            # 1. Play train_frequency epsilon-greedy steps in the environments, storing every transition.
-            for _ in range(hp.train_frequency):
-                self.play_step()
-            # 2. Once the buffer holds learning_starts transitions: one update on a minibatch drawn from it.
-            if len(self.buffer) >= hp.learning_starts:
-                self.step_signals = self.update(self.buffer.sample(hp.batch_size, self.device))
+            updates = [self.update(batch)]
+        else:
+            updates = []
+            for _ in range(hp.updates_per_step):
+                # 1. Play train_frequency epsilon-greedy steps in the environments, storing every transition.
+                for _ in range(hp.train_frequency):
+                    self.play_step()
+                # 2. Once the buffer holds learning_starts transitions: one update on a minibatch drawn from it.
+                if len(self.buffer) >= hp.learning_starts:
+                    updates.append(self.update(self.buffer.sample(hp.batch_size, self.device)))
+        if updates:  # for the divergence guard (trainer/tasks/base.py): the means over this step's updates
+            td_loss, q_values = torch.stack(updates).mean(0)
+            reward = self.buffer.max_abs_reward()  # (none in a replay: its buffer is empty)
+            max_return = reward / (1 - hp.gamma) if reward and hp.gamma < 1 else None
+            self.report(ValueReport(losses={"td_loss": td_loss}, q_values=q_values, max_return=max_return))
 
-    def update(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """One gradient step on a minibatch of transitions; returns what the divergence guard watches."""
+    def update(self, batch: Batch) -> torch.Tensor:
+        """One gradient step on a minibatch of transitions; returns its TD loss and mean Q-value."""
         hp = self.hparams
-        self.step_batch = batch
+        self.train_on(batch)
         # TD target: r + gamma * Q_target(s', a'), a' greedy under Q_target (DQN) or under Q (Double DQN).
         with torch.no_grad():
             next_q = self.target_network(batch["next_obs"])
@@ -112,7 +119,7 @@ class DQN(RLTask):
             self.target_updates = self.env_steps // hp.target_network_frequency
             for target, online in zip(self.target_network.parameters(), self.q_network.parameters()):
                 target.lerp_(online.detach(), hp.tau)
-        return {"td_loss": loss.detach(), "q_values": q.detach().mean()}
+        return torch.stack([loss, q.mean()]).detach()
 
     def play_step(self) -> None:
         """One epsilon-greedy step of every environment; stores its transitions."""
@@ -152,6 +159,7 @@ class DQN(RLTask):
         super().on_load_checkpoint(checkpoint)
         if "replay_buffer" in checkpoint:
             self.buffer.load_state_dict(checkpoint["replay_buffer"])
+        self.target_updates = self.env_steps // self.hparams.target_network_frequency  # (a guard rollback too)
 
 
 class ReplayBuffer:
@@ -178,6 +186,10 @@ class ReplayBuffer:
             self.data[key][rows] = values
         self.position = (start + n) % self.capacity
         self.size = min(self.size + n, self.capacity)
+
+    def max_abs_reward(self) -> float | None:
+        """The largest reward magnitude held, which bounds the returns (a few microseconds per call)."""
+        return float(np.abs(self.data["rewards"][: self.size]).max()) if self.size else None
 
     def sample(self, batch_size: int, device: torch.device) -> Batch:
         rows = torch.randint(self.size, (batch_size,)).numpy()

@@ -1,20 +1,20 @@
 """DCGAN training (Radford et al., 2016): one discriminator step, then one generator step, per batch.
 
 Read `training_step` top to bottom; everything else is bookkeeping: optimizers, a fixed-noise sample grid
-every epoch, and a validation score (Fréchet distance between real and generated images in a small pixel
-space) that makes "best checkpoint" mean something.
+every epoch, and validation scores in a small pixel space: the Fréchet distance between real and generated
+images, which makes "best checkpoint" mean something, and the diversity of the samples, whose fall is mode
+collapse.
 """
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from trainer.images import log_image_grid
-from trainer.loggers import is_logging_step
+from trainer.tasks.base import GANReport, Task, ValidationReport
 
 
-class DCGAN(L.LightningModule):
+class DCGAN(Task):
     def __init__(
         self,
         generator: nn.Module,
@@ -34,7 +34,6 @@ class DCGAN(L.LightningModule):
         noise = torch.randn(num_samples, self.latent_dim, generator=torch.Generator().manual_seed(0))
         self.register_buffer("sample_noise", noise)
         self._val_features: dict[str, list[torch.Tensor]] = {"real": [], "fake": []}
-        self.step_signals: dict[str, torch.Tensor] = {}
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         betas = (self.hparams.beta1, self.hparams.beta2)
@@ -64,11 +63,9 @@ class DCGAN(L.LightningModule):
         self.manual_backward(loss_g)
         opt_g.step()
 
-        # What the divergence guard watches every step; written to the loggers on logging steps.
-        self.step_signals = {"loss_d": loss_d.detach(), "loss_g": loss_g.detach(),
-                             "D_x": d_real.detach().sigmoid().mean(), "D_G_z": d_fake.detach().sigmoid().mean()}
-        if is_logging_step(self.trainer):
-            self.log_dict({f"train/{k}": v for k, v in self.step_signals.items()})
+        # For the divergence guard (trainer/tasks/base.py), and the loggers on logging steps.
+        self.report(GANReport(losses={"loss_d": loss_d, "loss_g": loss_g},
+                              D_x=d_real.sigmoid().mean(), D_G_z=d_fake.sigmoid().mean()))
 
     # -- validation: Fréchet distance of 8x8 pixel features, with noise fixed per batch index ----------
 
@@ -81,7 +78,10 @@ class DCGAN(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         real, fake = (self.all_gather(torch.cat(self._val_features[k])).flatten(0, -2) for k in ("real", "fake"))
         self._val_features = {"real": [], "fake": []}
-        self.log("val/pixel_fd", frechet_distance(real.double(), fake.double()).float(), sync_dist=False)
+        diversity = sample_diversity(real.double(), fake.double())
+        self.log_dict({"val/pixel_fd": frechet_distance(real.double(), fake.double()).float(),
+                       "val/sample_diversity": diversity}, sync_dist=False)
+        self.report_validation(ValidationReport(sample_diversity=diversity))
 
     def on_train_epoch_end(self) -> None:
         was_training = self.generator.training
@@ -93,6 +93,12 @@ class DCGAN(L.LightningModule):
 
 def _pixel_features(images: torch.Tensor) -> torch.Tensor:
     return F.adaptive_avg_pool2d(images.float(), 8).flatten(1)
+
+
+def sample_diversity(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """Total variance of the generated features over that of the real ones: about 1 when the samples spread
+    like the data, near 0 when the generator makes one image whatever its noise (mode collapse)."""
+    return float(torch.cov(fake.T).trace() / torch.cov(real.T).trace())
 
 
 def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -5,12 +5,14 @@ One training step is one iteration: play `num_steps` steps in each of `num_envs`
 `update_epochs` passes of minibatch updates over that rollout. Read `training_step` top to bottom.
 """
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from trainer.envs import EnvSpec, as_tensor, to_env
+from trainer.tasks.base import PolicyReport
 from trainer.tasks.rl import RLTask
 
 Rollout = dict[str, torch.Tensor]
@@ -48,6 +50,7 @@ class PPO(RLTask):
         self.save_hyperparameters(ignore=["agent", "env"])
         self.automatic_optimization = False  # several updates per rollout
         self.agent = agent(env.observation_space, env.action_space)
+        self.max_entropy = math.log(env.action_space.n) if env.discrete else None  # the uniform policy's
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.agent.parameters(), lr=self.hparams.lr, eps=1e-5, fused=self.fused_optimizer)
@@ -59,7 +62,8 @@ class PPO(RLTask):
             optimizer.param_groups[0]["lr"] = hp.lr * max(0.0, 1.0 - self.env_steps / hp.total_env_steps)
 
         # 1. Rollout with the current policy (a replayed divergence bundle brings its own).
-        rollout = self.step_batch = batch or self.collect_rollout()
+        rollout = batch or self.collect_rollout()
+        self.train_on(rollout)
 
         # 2. Advantages by GAE; the value targets are advantages + values.
         advantages = gae(rollout, hp.gamma, hp.gae_lambda)
@@ -93,8 +97,7 @@ class PPO(RLTask):
 
                 optimizer.zero_grad(set_to_none=True)
                 self.manual_backward(loss)
-                self.clip_gradients(optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
-                optimizer.step()
+                optimizer.step()  # clips first: on_before_optimizer_step
 
                 with torch.no_grad():  # http://joschu.net/blog/kl-approx.html
                     approx_kl = ((ratio - 1) - logratio).mean()
@@ -103,10 +106,19 @@ class PPO(RLTask):
             if hp.target_kl is not None and approx_kl > hp.target_kl:
                 break
 
-        # What the divergence guard watches every step; logged on logging steps (trainer/tasks/rl.py).
-        means = torch.stack(stats).mean(0)
-        self.step_signals = dict(zip(["loss", "policy_loss", "value_loss", "entropy", "approx_kl", "clip_frac"], means))
-        self.step_signals["explained_variance"] = explained_variance(values, returns)
+        # For the divergence guard (trainer/tasks/base.py); logged on logging steps (trainer/tasks/rl.py).
+        loss, policy_loss, value_loss, entropy, approx_kl, clip_frac = torch.stack(stats).mean(0)
+        # The clipped surrogate is signed, so only the value loss is a loss the guard can compare levels of.
+        self.report(PolicyReport(
+            losses={"value_loss": value_loss},
+            signals={"loss": loss, "policy_loss": policy_loss, "clip_frac": clip_frac,
+                     "explained_variance": explained_variance(values, returns)},
+            entropy=entropy, max_entropy=self.max_entropy, approx_kl=approx_kl))
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Here rather than before optimizer.step(): callbacks (the divergence guard) run first and see the
+        # gradient norm before clipping, which is the one that shows an explosion.
+        self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
 
     def collect_rollout(self) -> Rollout:
         """`num_steps` steps of every environment; `dones[t]` marks obs[t] as the first of a new episode."""

@@ -15,13 +15,14 @@ from lightning.pytorch.loggers import WandbLogger
 from torch import nn
 
 from trainer.data.squad import Example, ValidationSet
-from trainer.loggers import is_logging_step, log_step
+from trainer.loggers import log_step
 from trainer.metrics.squad import predict_answers, score, squad_metrics
+from trainer.tasks.base import StepReport, Task
 
 PAD_LOGIT = -1e4  # pads the scores of short windows to one width for gathering; never a candidate
 
 
-class ExtractiveQA(L.LightningModule):
+class ExtractiveQA(Task):
     def __init__(
         self,
         encoder: nn.Module,
@@ -55,8 +56,7 @@ class ExtractiveQA(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         # The batch holds the gold start and end tokens; the model's loss is the mean of the two cross-entropies.
         loss = self.encoder(**batch).loss
-        if is_logging_step(self.trainer):
-            self.log("train/loss", loss)
+        self.report(StepReport(losses={"loss": loss}))
         return loss
 
     # -- validation: logits of every window -> one answer per question -> EM / F1 ----------------------

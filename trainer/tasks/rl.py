@@ -2,9 +2,9 @@
 over a fixed set of seeds, episode statistics, throughput, and an episode GIF for W&B.
 
 An RL training step makes its own data (it plays in the environments), so the train loader yields empty
-batches, `batches_per_epoch` of them; an epoch ends with an evaluation. A step that trained on data it
-collected exposes it as `step_batch`: a divergence bundle saves that, and `python -m trainer.replay` feeds
-it back to `training_step`, which then trains on it instead of playing.
+batches, `batches_per_epoch` of them; an epoch ends with an evaluation. A step names the data it trains on
+(`train_on`, trainer/tasks/base.py): a divergence bundle saves that, and `python -m trainer.replay` feeds it
+back to `training_step`, which then trains on it instead of playing.
 """
 
 import time
@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.loggers import WandbLogger
@@ -21,6 +20,7 @@ from torch.utils.data import DataLoader
 from trainer.data.loading import rank_share
 from trainer.envs import EnvSpec, TrainingEnvs, as_tensor, env_seeds, render_episode, to_env
 from trainer.loggers import is_logging_step, log_now, log_step
+from trainer.tasks.base import StepReport, Task
 
 
 class EmptyBatches:
@@ -45,7 +45,7 @@ class EmptyBatches:
         self._resume_at = state["yielded"] % self.length
 
 
-class RLTask(L.LightningModule):
+class RLTask(Task):
     def __init__(
         self,
         env: EnvSpec,
@@ -68,8 +68,6 @@ class RLTask(L.LightningModule):
         self.eval_seeds = list(range(eval_seed, eval_seed + eval_episodes))
         self.video_frames, self.seed = video_frames, seed
         self.envs: TrainingEnvs | None = None  # made in setup, when the world size is known
-        self.step_batch: dict[str, torch.Tensor] = {}
-        self.step_signals: dict[str, torch.Tensor] = {}
         self._steps_at_log, self._train_time = 0, 0.0  # env steps at the last log, training seconds since
         self._val_returns: list[torch.Tensor] = []
 
@@ -104,7 +102,8 @@ class RLTask(L.LightningModule):
         env_steps_per_batch = self.env_steps_per_batch * self.trainer.world_size
         return EmptyBatches(max(1, self.env_steps_per_epoch // env_steps_per_batch))
 
-    def on_train_batch_start(self, *args: Any) -> None:
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
         self._batch_start = time.perf_counter()
 
     def on_train_batch_end(self, *args: Any) -> None:
@@ -114,10 +113,14 @@ class RLTask(L.LightningModule):
         if is_logging_step(self.trainer):
             self.log_progress()
 
+    def log_report(self, report: StepReport) -> None:
+        """Written by `log_progress`, with the episodes and schedules, past Lightning's slow `self.log`."""
+
     def log_progress(self) -> None:
-        """Per-step signals, the episodes that ended since the last log, and environment steps per second of
+        """The step's report, the episodes that ended since the last log, and environment steps per second of
         training (playing and learning) since the last log."""
-        metrics = {f"train/{k}": v for k, v in {**self.step_signals, **self.schedules()}.items()}
+        reported = self.step_report.scalars() if self.step_report is not None else {}
+        metrics = {f"train/{k}": v for k, v in {**reported, **self.schedules()}.items()}
         metrics["train/env_steps"] = float(self.env_steps)
         metrics["train/env_steps_per_sec"] = (self.env_steps - self._steps_at_log) / max(self._train_time, 1e-9)
         self._steps_at_log, self._train_time = self.env_steps, 0.0
