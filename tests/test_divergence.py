@@ -13,12 +13,14 @@ import torch
 from conftest import TINY_DCGAN, cli_env, compose_config, run_cli
 from wandb_offline import find_runs, read_run
 
-from trainer.divergence.bundle import load_bundle
+from trainer.divergence.bundle import load_bundle, tensor_bytes
 from trainer.divergence.checks import InitialLossCheck, gradient_check
-from trainer.divergence.detectors import CollapseDetector, RollingZScore
+from trainer.divergence.detectors import CollapseWatch, LevelDetector, SpikeDetector
 from trainer.errors import UserError
 from trainer.replay import replay
-from trainer.run import train
+from trainer.loggers import log_step
+from trainer.run import build_task, build_trainer, train
+from trainer.tasks.base import GANReport, PolicyReport, ValueReport
 
 FAST = [*TINY_DCGAN, "logger=none", "++trainer.max_epochs=1", "++trainer.limit_train_batches=8"]
 
@@ -43,14 +45,46 @@ def test_a_poisoned_batch_halts_at_its_step_and_replays_anywhere(tmp_path: Path,
     assert {"python", "numpy", "torch"} <= content["rng"].keys()
     assert all(torch.isfinite(v).all() for v in content["state_dict"].values())  # from before the bad update
     assert len(content["optimizer_states"]) == 2 and "name: dcgan" in content["config"]
+    layers = content["layer_grad_norms"]  # of the discriminator's step, which showed the NaN
+    assert "discriminator.net.0" in layers and all(name.startswith("discriminator.") for name in layers)
+    assert any(math.isnan(norm) for norm in layers.values())
+    assert [step for step, _ in content["history"]["loss_d"]] == [0, 1, 2]  # the steps before it
+    assert is_png(bundle / "event.png")
+    assert "divergence at step 3 (halt): non-finite gradients in discriminator" in (run_dir / "train.log").read_text()
     (wandb_run,) = find_runs(run_dir / "wandb")
-    assert any(a["type"] == "divergence" for a in read_run(wandb_run, strict=False).artifacts)
+    run = read_run(wandb_run, strict=False)
+    assert any(a["type"] == "divergence" for a in run.artifacts)
+    assert run.summary["divergence/event"]["_type"] == "images/separated"
 
     replayed = subprocess.run([sys.executable, "-m", "trainer.replay", str(bundle)], env=cli_env(home),
                               capture_output=True, text=True, timeout=120)
     assert replayed.returncode == 0, replayed.stderr[-2000:]
     assert "reproduced" in replayed.stdout and "did not reproduce" not in replayed.stdout
     assert "first layer with a non-finite output: discriminator.net.0" in replayed.stdout  # it ate the batch
+    assert f"picture: {bundle / 'replay.png'}" in replayed.stdout and is_png(bundle / "replay.png")
+
+
+def is_png(path: Path) -> bool:
+    return path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def test_bundles_stop_at_their_size_cap_and_a_halt_still_writes_one(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    poisoned = [*FAST, "divergence.inject.step=2", "divergence.inject.kind=nan_weight",
+                "divergence.inject.layer=discriminator.net.0"]
+    weights = tensor_bytes(build_task(compose_config(*poisoned))[1].state_dict())
+    room_for_one = 1.5 * 3 * weights / 2**20  # weights, Adam's two moments, and a small batch
+    # The NaN weight stays: every step from 2 on is detected and skipped, and only the first fits.
+    train(compose_config(*poisoned, "divergence.action=skip", f"divergence.max_bundle_mb={room_for_one}",
+                         run_dir=run_dir))
+    detected = events(run_dir)
+    assert [e["step"] for e in detected] == [2, 3, 4, 5, 6, 7]
+    assert [("bundle" in e) for e in detected] == [True] + [False] * 5
+    assert all((run_dir / "divergence" / f"step00000{e['step']}-nonfinite" / "event.png").is_file() for e in detected)
+    with pytest.raises(UserError, match="divergence at step 2"):
+        train(compose_config(*poisoned, "divergence.action=halt", "divergence.max_bundle_mb=0",
+                             run_dir=tmp_path / "halted"))
+    assert (tmp_path / "halted" / "divergence" / "step000002-nonfinite" / "bundle.pt").is_file()
 
 
 def test_replay_names_a_poisoned_layer_and_tests_a_fix(tmp_path: Path) -> None:
@@ -94,16 +128,97 @@ def test_skip_drops_the_bad_update_and_finishes_with_finite_weights(tmp_path: Pa
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values())  # buffers included
 
 
-def test_rollback_restores_the_last_checkpoint_and_lowers_the_learning_rate(tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    train(compose_config(*FAST, "divergence.inject.step=5", "divergence.action=rollback",
-                         "callbacks.last_checkpoint.every_n_train_steps=4", run_dir=run_dir))
+class StepProbe(L.Callback):
+    """Records, for every optimizer step, the learning rate the optimizer really applied (its pre-step hooks run
+    after the guard's), with what the task's schedule said and where the task's counters stood."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+        self._at_start: dict = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for optimizer in trainer.optimizers:
+            optimizer.register_step_pre_hook(lambda opt, *args: self.rows.append(
+                {**self._at_start, "lr": opt.param_groups[0]["lr"]}))
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        self._at_start = {"step": log_step(trainer), "env_steps": getattr(pl_module, "env_steps", None)}
+        for config in trainer.lr_scheduler_configs:
+            self._at_start.update(last_epoch=config.scheduler.last_epoch, scheduled=config.scheduler.get_last_lr()[0])
+
+
+def fit_with_probe(cfg, probe: L.Callback) -> L.Callback:
+    datamodule, module = build_task(cfg)
+    pl_trainer, _ = build_trainer(cfg, module)
+    pl_trainer.callbacks.append(probe)
+    pl_trainer.fit(module, datamodule=datamodule)
+    return probe
+
+
+def roll_back_at_step_6(run_dir: Path, *overrides: str, layer: str) -> list[dict]:
+    """A NaN weight in `layer` at step 6, rolled back to the snapshot of step 3; the probe's rows."""
+    cfg = compose_config(*overrides, "logger=none", "++trainer.enable_progress_bar=false", "divergence.inject.step=6",
+                         "divergence.inject.kind=nan_weight", f"divergence.inject.layer={layer}",
+                         "divergence.action=rollback", "divergence.rollback.snapshot_every=4", run_dir=run_dir)
+    rows = fit_with_probe(cfg, StepProbe()).rows
     (event,) = events(run_dir)
-    assert event["action"] == "rollback" and event["step"] == 5
+    assert event["step"] == 6 and event["action"] == "rollback" and event["detector"] == "nonfinite"
+    return rows
+
+
+def test_rollback_holds_under_ppo_annealing_and_rewinds_env_steps(tmp_path: Path) -> None:
+    """PPO sets its learning rate itself every step; the rollback's halving must still apply to every update
+    after it, and the env steps (which drive the annealing, exploration and the budget) go back too."""
+    run_dir = tmp_path / "run"
+    rows = roll_back_at_step_6(run_dir, "+exp=ppo", "task.total_env_steps=8192", "task.env_steps_per_epoch=4096",
+                               "task.eval_episodes=2", layer="agent.critic.0")
+    lr, total = 2.5e-4, 8192
+    before = [r for r in rows if r["step"] < 6]
+    after = [r for r in rows if r["step"] > 6]
+    assert before and all(r["lr"] == pytest.approx(lr * (1 - r["env_steps"] / total)) for r in before)
+    assert after and all(r["lr"] == pytest.approx(0.5 * lr * (1 - r["env_steps"] / total)) for r in after)
+    # The snapshot was taken at the end of step 3 (4 rollouts of 4 x 128 env steps): step 7 starts there.
+    assert after[0]["step"] == 7 and after[0]["env_steps"] == 4 * 512
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["env_steps"] >= total and checkpoint["callbacks"]["DivergenceGuard"]["lr_factor"] == 0.5
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values())
-    lrs = [group["lr"] for opt in checkpoint["optimizer_states"] for group in opt["param_groups"]]
-    assert lrs == pytest.approx([2e-4 * 0.5] * 2)
+
+
+def test_rollback_restores_the_lr_schedule_and_halves_it(tmp_path: Path) -> None:
+    """QA's warm-up/decay scheduler recomputes the rate every step: the rollback puts the schedule back where
+    the snapshot was, and every later update runs at half of what the schedule says."""
+    rows = roll_back_at_step_6(tmp_path / "run", "+exp=qa", "data.facts.train_paragraphs=40", "++trainer.max_steps=12",
+                               "++trainer.limit_val_batches=0", layer="encoder.qa_outputs")
+    # The snapshot was taken at the end of step 3, after 4 scheduler steps; step 6's update was dropped.
+    assert [r["last_epoch"] for r in rows] == [0, 1, 2, 3, 4, 5, 6, 4, 5, 6, 7, 8]
+    assert all(r["lr"] == pytest.approx(r["scheduled"]) for r in rows if r["step"] < 6)
+    assert all(r["lr"] == pytest.approx(0.5 * r["scheduled"]) for r in rows if r["step"] > 6)
+
+
+class GradNormProbe(L.Callback):
+    """The gradient norm each optimizer step applies (its hook runs after the guard's), by step and optimizer."""
+
+    def __init__(self) -> None:
+        self.norms: dict[tuple[int, int], float] = {}
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        key = (log_step(trainer), trainer.optimizers.index(optimizer))
+        self.norms[key] = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
+
+
+def test_clip_scales_a_gradient_spike_down_to_the_detectors_limit(tmp_path: Path) -> None:
+    """After a 1e6x learning-rate step the gradients spike; `clip` applies them scaled to the spike limit."""
+    run_dir = tmp_path / "run"
+    cfg = compose_config(*FAST, "++trainer.limit_train_batches=16", "divergence.inject.step=6",
+                         "divergence.inject.kind=huge_lr", "divergence.spike.warmup=4", "divergence.spike.window=10",
+                         "divergence.spike.min_ratio=1.5", "divergence.spike.action=clip", run_dir=run_dir)
+    probe = fit_with_probe(cfg, GradNormProbe())
+    clipped = [e for e in events(run_dir) if e["action"] == "clip"]
+    assert clipped, events(run_dir)
+    for event in clipped:
+        applied = probe.norms[event["step"], event["optimizer_index"]]
+        assert event["value"] > event["limit"] and applied == pytest.approx(event["limit"], rel=1e-4)
 
 
 def test_all_ddp_ranks_take_the_same_decision(tmp_path: Path, home: Path) -> None:
@@ -121,27 +236,67 @@ def test_spike_detector_stays_quiet_on_a_noisy_healthy_curve_and_catches_a_spike
     rng = np.random.default_rng(0)
     steps = np.arange(3000)
     healthy = (2.0 * np.exp(-steps / 800) + 0.3) * rng.lognormal(0.0, 0.08, steps.size)
-    detector = RollingZScore(window=200, warmup=50, threshold=6.0)
+    detector = SpikeDetector(window=200, warmup=50, threshold=6.0)
     assert [i for i, v in enumerate(healthy) if detector.update(float(v)) is not None] == []
     spiky = healthy.copy()
     spiky[2000] *= 4.0
-    detector = RollingZScore(window=200, warmup=50, threshold=6.0)
+    detector = SpikeDetector(window=200, warmup=50, threshold=6.0)
     assert [i for i, v in enumerate(spiky) if detector.update(float(v)) is not None] == [2000]
     assert detector.update(float("nan")) is None  # non-finite is the other detector's business
 
 
+def test_an_explosion_in_the_first_steps_is_caught_before_the_window_is_warm() -> None:
+    """Before `warmup` values there is no spread to measure; a value 10x above all before it still alarms
+    (a detector warmed into a far too high learning rate blows up at its second step: 39x)."""
+    rng = np.random.default_rng(1)
+    start = 5.0 * rng.lognormal(0.0, 0.5, 40)  # a noisy start: up to ~3x from one step to the next
+    detector = SpikeDetector(warmup=50)
+    assert [i for i, v in enumerate(start) if detector.update(float(v)) is not None] == []
+    detector = SpikeDetector(warmup=50)
+    exploding = [7.3, 285.0, 36.0, 2.8]
+    alarms = [detector.update(v) for v in exploding]
+    assert [a is not None for a in alarms] == [False, True, False, False]
+    assert alarms[1].limit == pytest.approx(73.0) and "largest of the 1 values" in alarms[1].describe()
+
+
 def test_a_lasting_change_of_level_stops_alarming_after_patience() -> None:
-    detector = RollingZScore(window=50, warmup=10, threshold=6.0, patience=5)
+    detector = SpikeDetector(window=50, warmup=10, threshold=6.0, patience=5)
     series = [1.0 + 0.01 * (i % 7) for i in range(100)] + [5.0 + 0.01 * (i % 7) for i in range(200)]
     flags = [i for i, v in enumerate(series) if detector.update(v) is not None]
     assert flags[0] == 100 and len(flags) < 15  # the new level becomes the normal one
 
 
 def test_collapse_needs_the_discriminator_to_win_for_k_steps() -> None:
-    detector = CollapseDetector(steps=3)
-    assert not detector.update(0.005, 0.999, 0.001) and not detector.update(0.005, 0.999, 0.001)
-    assert not detector.update(0.7, 0.6, 0.4)  # a healthy step breaks the streak
-    assert [detector.update(0.001, 0.999, 0.001) for _ in range(3)] == [False, False, True]
+    watch, report = CollapseWatch(d_wins_steps=3), GANReport(losses={})
+    wins = {"D_x": 0.999, "D_G_z": 0.001}
+    assert watch.step(report, wins) is None and watch.step(report, wins) is None
+    assert watch.step(report, {"D_x": 0.6, "D_G_z": 0.4}) is None  # a healthy step breaks the streak
+    assert [watch.step(report, wins) is not None for _ in range(3)] == [False, False, True]
+
+
+def test_policy_and_value_collapse_read_their_bounds_from_the_report() -> None:
+    watch = CollapseWatch(rl_steps=2)
+    policy = PolicyReport(losses={}, max_entropy=math.log(2))
+    assert watch.step(policy, {"entropy": 0.5}) is None
+    assert [watch.step(policy, {"entropy": 0.05}) for _ in range(2)][-1][0] == "entropy"  # 7% of log 2
+    continuous = PolicyReport(losses={}, max_entropy=None)  # no uniform policy to compare with
+    assert all(watch.step(continuous, {"entropy": -3.0}) is None for _ in range(5))
+    assert watch.step(continuous, {"entropy": -3.0, "approx_kl": 0.05}) is None  # a large but sane update
+    assert watch.step(continuous, {"entropy": -3.0, "approx_kl": 1.5})[0] == "approx_kl"  # out of its trust region
+    values = ValueReport(losses={}, max_return=100.0)
+    assert all(watch.step(values, {"q_values": 150.0}) is None for _ in range(5))  # overestimates, below 2x
+    assert [watch.step(values, {"q_values": 250.0}) for _ in range(2)][-1][0] == "q_values"
+
+
+def test_level_sees_a_loss_that_climbs_back_and_stays() -> None:
+    rng = np.random.default_rng(0)
+    falling = 3.0 * np.exp(-np.arange(300) / 60) + 0.2 + rng.exponential(0.3, 300)  # heavy-tailed batches
+    detector = LevelDetector(window=20, ratio=2.0)
+    assert not [i for i, v in enumerate(falling) if detector.update(float(v))]
+    climbing = np.concatenate([falling, np.linspace(0.5, 3.0, 60) + rng.exponential(0.3, 60)])
+    detector = LevelDetector(window=20, ratio=2.0)
+    alarms = [i for i, v in enumerate(climbing) if detector.update(float(v))]
+    assert alarms and 300 < alarms[0] < 340
 
 
 def test_lr_find_sweeps_plots_and_suggests(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -154,6 +309,15 @@ def test_lr_find_sweeps_plots_and_suggests(tmp_path: Path, capsys: pytest.Captur
     assert (run_dir / "lr_find.png").stat().st_size > 1000
     assert "lr_find suggests lr=" in capsys.readouterr().out
     assert not (run_dir / "checkpoints" / "last.ckpt").exists()  # a sweep leaves nothing to resume
+
+
+def test_the_lr_finder_follows_dqns_td_loss(tmp_path: Path) -> None:
+    """DQN's loss is its TD loss, which it reports as a loss: the LR finder follows it (it once saw 0)."""
+    run_dir = tmp_path / "run"
+    train(compose_config("+exp=dqn", "mode=lr_find", "lr_find.num_steps=6", "task.learning_starts=500",
+                         "task.eval_episodes=2", "logger=none", "++trainer.enable_progress_bar=false", run_dir=run_dir))
+    losses = json.loads((run_dir / "lr_find.json").read_text())["loss"]
+    assert len(losses) >= 3 and all(loss > 0 for loss in losses)
 
 
 class TinyClassifier(L.LightningModule):

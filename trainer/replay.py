@@ -4,14 +4,18 @@ Loads a divergence bundle (see trainer/divergence/bundle.py), rebuilds the task 
 this machine (CPU unless --device says otherwise), restores the weights, optimizer states and RNG states,
 and runs the task's own training step on the saved batch once, with hooks on every layer. It says whether
 the failure "reproduced" or "did not reproduce", names the first layer whose output or gradient went
-non-finite (or, for a spike, the layer whose gradient grew most relative to its weights), and prints a
-per-layer table. --lr, --clip and --precision re-run the step with a candidate fix.
+non-finite (or, for a spike, the layer whose gradient grew most relative to its weights), prints a
+per-layer table and draws the event's picture again (replay.png beside the bundle: the series the guard
+saw, with the per-layer gradient norms of the replay). --lr, --clip and --precision re-run the step with a
+candidate fix.
 """
 
 import argparse
 import math
+import os
 import sys
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -21,7 +25,9 @@ from omegaconf import OmegaConf
 from trainer.callbacks.gradients import layer_name, layer_owners, params_by_layer, per_layer_norms
 from trainer.callbacks.rng import restore_rng
 from trainer.divergence.bundle import load_bundle
+from trainer.divergence.picture import draw_event
 from trainer.errors import UserError
+from trainer.tasks.base import step_report
 
 
 class ReplayProbe(L.Callback):
@@ -34,15 +40,16 @@ class ReplayProbe(L.Callback):
         self.first_nonfinite_output: str | None = None
         self.grad_norms: dict[str, float] = {}
         self.param_norms: dict[str, float] = {}
+        self.network_norms: dict[str, float] = {}  # grad_norm/<network>: what the guard watches
         self.losses: dict[str, float] = {}
         self.recording = True  # only the replayed step: not the epoch-end work that follows it
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        lr_factor = self.bundle["detection"].get("lr_factor", 1.0)  # after rollbacks the guard scaled the rates
         for optimizer, state in zip(trainer.optimizers, self.bundle["optimizer_states"], strict=True):
             optimizer.load_state_dict(state)
             for group in optimizer.param_groups:
-                if self.lr is not None:
-                    group["lr"] = self.lr
+                group["lr"] = self.lr if self.lr is not None else group["lr"] * lr_factor
             if self.clip is not None:
                 optimizer.register_step_pre_hook(self._clip)
         for name, module in pl_module.named_modules():
@@ -82,11 +89,11 @@ class ReplayProbe(L.Callback):
         weights = per_layer_norms([p.detach().float() for p in params], owners, len(layers)).tolist()
         self.grad_norms.update(zip(layers, grads))  # the totals at the end fall outside the zip
         self.param_norms.update(zip(layers, weights))
+        self.network_norms[f"grad_norm/{next(iter(layers)).split('.', 1)[0]}"] = grads[-1]
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any) -> None:
-        from trainer.divergence.guard import step_signals
-
-        self.losses = {k: float(v) for k, v in step_signals(pl_module, outputs).items() if k.startswith("loss")}
+        report = step_report(pl_module, outputs)
+        self.losses = {k: float(v) for k, v in report.losses.items()} if report is not None else {}
         self.recording = False
 
     def first_nonfinite_gradient(self) -> str | None:
@@ -129,10 +136,19 @@ def replay(path: str, lr: float | None = None, clip: float | None = None, precis
     detection = bundle["detection"]
     if detection["detector"] == "nonfinite":
         reproduced = probe.nonfinite()
-    else:  # a spike or collapse: the same size of trouble again
-        seen = [*probe.losses.values(), *probe.grad_norms.values()]
-        reproduced = probe.nonfinite() or any(v >= 0.5 * abs(detection["value"]) for v in seen)
+    else:  # a spike or collapse: the same size of trouble again in the series that showed it
+        again = {**probe.losses, **probe.network_norms}.get(detection["series"])
+        reproduced = probe.nonfinite() or (again is not None and again >= 0.5 * abs(detection["value"]))
     return reproduced, probe, bundle
+
+
+def draw_replay(path: Path, reproduced: bool, probe: ReplayProbe, bundle: dict[str, Any]) -> Path:
+    """The event's picture with this replay's per-layer gradient norms."""
+    detection = bundle["detection"]
+    title = (f"replay of step {detection['step']} ({'reproduced' if reproduced else 'did not reproduce'}): "
+             f"{detection['reason']}")
+    return draw_event(path, title, bundle["history"], detection["step"], probe.grad_norms,
+                      "gradient norm per layer in the replay")
 
 
 def report(reproduced: bool, probe: ReplayProbe, bundle: dict[str, Any], fix: str) -> str:
@@ -172,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(report(reproduced, probe, bundle, fix))
+    folder = Path(args.bundle) if Path(args.bundle).is_dir() else Path(args.bundle).parent
+    picture = folder / "replay.png" if os.access(folder, os.W_OK) else Path.cwd() / f"replay-{folder.name}.png"
+    print(f"picture: {draw_replay(picture, reproduced, probe, bundle)}")
     return 0
 
 

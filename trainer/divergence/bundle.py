@@ -2,8 +2,9 @@
 
 <run dir>/divergence/step<K>-<detector>/bundle.pt holds the offending batch, the model and optimizer states
 from before the bad update, the RNG states at the start of the batch (Python, NumPy, torch CPU and CUDA),
-step, epoch and batch index, the resolved config and the last metrics. It is written atomically and read
-with `weights_only=True`: tensors, numbers and strings only, no pickled code.
+step, epoch and batch index, the resolved config, the last metrics, the recent history of every watched
+series and the per-layer gradient norms of the step (what the event's picture shows). It is written
+atomically and read with `weights_only=True`: tensors, numbers and strings only, no pickled code.
 """
 
 from pathlib import Path
@@ -16,7 +17,7 @@ from lightning.fabric.utilities.apply_func import apply_to_collection
 from trainer.checkpoint import SafeCheckpointIO
 from trainer.errors import UserError
 
-FORMAT = 1
+FORMAT = 2
 
 
 def bundle_dir(run_dir: str | Path, step: int, detector: str) -> Path:
@@ -25,6 +26,12 @@ def bundle_dir(run_dir: str | Path, step: int, detector: str) -> Path:
 
 def to_cpu(tree: Any) -> Any:
     return apply_to_collection(tree, torch.Tensor, lambda t: t.detach().cpu().clone())
+
+
+def tensor_bytes(tree: Any) -> int:
+    sizes: list[int] = []
+    apply_to_collection(tree, torch.Tensor, lambda t: sizes.append(t.numel() * t.element_size()))
+    return sum(sizes)
 
 
 def write_bundle(
@@ -37,6 +44,8 @@ def write_bundle(
     rng: dict[str, Any],
     batch_idx: int,
     buffers_at_start: dict[str, torch.Tensor],
+    history: dict[str, list[tuple[int, float]]],
+    layer_grad_norms: dict[str, float],
 ) -> Path:
     """Weights and optimizer states are read now, before the bad update; buffers that the forward pass has
     already moved (BatchNorm statistics) are taken from the start of the batch."""
@@ -55,6 +64,8 @@ def write_bundle(
         "batch": to_cpu(batch),
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
         "config": config,
+        "history": history,
+        "layer_grad_norms": layer_grad_norms,
     }
     folder.mkdir(parents=True, exist_ok=True)
     SafeCheckpointIO().save_checkpoint(content, folder / "bundle.pt")
