@@ -1,0 +1,95 @@
+"""The divergence guard judged on real runs, not on injected faults.
+
+- Recorded runs (tests/data/guard, written by `scripts/bench_guard.py --fixtures`): every exp's healthy
+  runs at three seeds, where the guard must stay silent with that exp's settings, and the zoo of runs that
+  diverged by themselves, each of which it must catch before the run fails.
+- Small models that really diverge within seconds here: the guard reports them as they train.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import TINY_DCGAN, compose_config
+from omegaconf import OmegaConf
+
+from trainer.divergence.series import detect, read_record
+from trainer.run import train
+
+FIXTURES = Path(__file__).parent / "data" / "guard"
+HEALTHY = sorted(FIXTURES.glob("healthy-*.jsonl.gz"))
+ZOO = sorted(FIXTURES.glob("zoo-*.jsonl.gz"))
+QUIET = ["logger=none", "++trainer.enable_progress_bar=false", "++trainer.enable_model_summary=false"]
+
+
+def divergence_settings(exp: str) -> dict:
+    return OmegaConf.to_container(compose_config(f"+exp={exp}").divergence, resolve=True)
+
+
+def about(fixture: Path) -> dict:
+    """What the bench measured of the recorded run: its exp, and where it failed."""
+    return json.loads(fixture.with_name(fixture.name.replace(".jsonl.gz", ".json")).read_text())
+
+
+def test_the_recordings_are_there() -> None:
+    exps = {about(path)["exp"] for path in HEALTHY}
+    assert exps == {"dcgan", "detector", "ppo", "dqn", "qa"} and len(HEALTHY) == 15
+    assert len(ZOO) >= 6
+
+
+@pytest.mark.parametrize("fixture", HEALTHY, ids=lambda p: p.name.removesuffix(".jsonl.gz"))
+def test_the_guard_is_silent_on_healthy_runs(fixture: Path) -> None:
+    record = read_record(fixture)
+    assert len(record.steps) > 100  # a whole run
+    assert detect(record, divergence_settings(about(fixture)["exp"])) == []
+
+
+@pytest.mark.parametrize("fixture", ZOO, ids=lambda p: p.name.removesuffix(".jsonl.gz"))
+def test_the_guard_catches_every_real_divergence_before_the_run_fails(fixture: Path) -> None:
+    facts = about(fixture)
+    alarms = detect(read_record(fixture), divergence_settings(facts["exp"]))
+    assert alarms, f"{fixture.name}: no alarm, the run failed at step {facts['failure_step']}"
+    assert alarms[0][0] <= facts["failure_step"], (alarms[0], facts)
+
+
+@pytest.mark.parametrize("lr, collapses", [(0.04, True), (2e-4, False)])
+def test_a_gan_at_a_learning_rate_far_too_high_collapses_and_is_reported(tmp_path: Path, lr: float,
+                                                                         collapses: bool) -> None:
+    """A small DCGAN at 200x its learning rate with beta1 0.9 collapses (its discriminator wins outright, its
+    samples lose their diversity); at its own learning rate, the same run is not reported."""
+    run_dir = tmp_path / "run"
+    train(compose_config(*TINY_DCGAN, *QUIET, f"task.lr={lr}", "task.beta1=0.9", "++trainer.limit_train_batches=20",
+                         "++trainer.max_epochs=4", "divergence.action=warn", run_dir=run_dir))
+    detectors = {e["detector"] for e in read_events(run_dir)}
+    assert detectors == ({"collapse"} if collapses else set())
+
+
+@pytest.mark.parametrize("algo, overrides, series", [
+    ("ppo", ["task.lr=0.05", "task.max_grad_norm=1e9", "task.anneal_lr=false", "task.total_env_steps=20480"],
+     {"approx_kl", "entropy"}),  # updates out of the trust region, then a deterministic policy
+    ("dqn", ["task.lr=0.5", "task.learning_starts=1000", "task.total_env_steps=8000"], {"q_values"}),
+])
+def test_an_rl_agent_at_a_learning_rate_far_too_high_is_reported(tmp_path: Path, algo: str, overrides: list[str],
+                                                                 series: set[str]) -> None:
+    run_dir = tmp_path / "run"
+    train(compose_config(f"+exp={algo}", *QUIET, *overrides, "task.env_steps_per_epoch=4096", "task.eval_episodes=2",
+                         "task.video_frames=0", "divergence.action=warn", run_dir=run_dir))
+    assert series & {e["series"] for e in read_events(run_dir) if e["detector"] == "collapse"}
+
+
+def test_the_default_runs_of_these_agents_are_not_reported(tmp_path: Path) -> None:
+    for algo, budget in (("ppo", 20480), ("dqn", 20000)):
+        run_dir = tmp_path / algo
+        train(compose_config(f"+exp={algo}", *QUIET, f"task.total_env_steps={budget}", "task.eval_episodes=2",
+                             "task.video_frames=0", "divergence.action=warn", "divergence.record=true",
+                             run_dir=run_dir))
+        assert read_events(run_dir) == []
+    # The guard sees PPO's gradient norms before PPO clips them to task.max_grad_norm (0.5): an explosion
+    # would not show in clipped ones.
+    norms = read_record(tmp_path / "ppo" / "divergence" / "series.jsonl").grad_norms("agent")
+    assert max(norm for _, norm in norms) > 2.0
+
+
+def read_events(run_dir: Path) -> list[dict]:
+    path = run_dir / "divergence" / "events-rank0.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
