@@ -7,11 +7,12 @@ Detectors
 - nonfinite: a NaN or Inf in the gradients (checked before each optimizer applies them) or in any number the
   step reports.
 - spike: a gradient norm (per network) or a loss far above the median of its recent values (log scale,
-  robust spread).
+  robust spread); in its first values, one far above all before it.
 - level: a loss whose recent median has risen far above the best it reached: a run getting worse, and
   staying worse.
 - collapse: what only the task's own numbers show: a GAN's discriminator winning outright, its samples'
-  diversity falling (at validation), a policy turned deterministic, Q-values beyond any possible return.
+  diversity falling (at validation), a policy turned deterministic or moved out of its trust region by one
+  update, Q-values beyond any possible return.
 
 Actions, per detector (`divergence.<detector>.action`, else `divergence.action`)
 - warn: report it, keep going.
@@ -29,8 +30,8 @@ Actions, per detector (`divergence.<detector>.action`, else `divergence.action`)
 A report (the first alarm of a series within `report_every` steps, and every non-finite or collapse one)
 writes a bundle (see bundle.py; at most `max_bundle_mb` per run, except a halt's), a picture of the event
 (picture.py; also to W&B), a line in <run dir>/divergence/events-rank<r>.jsonl and a warning in the console
-and train.log. Later alarms of the same episode still act, and the first of each batch is recorded in the
-events file. Under DDP the gradients are already all-reduced and the reported numbers are averaged over
+and train.log. Later alarms of the same episode still act, and each detector's first of a batch is
+recorded in the events file. Under DDP the gradients are already all-reduced and the reported numbers are averaged over
 ranks before any test, so every rank takes the same decision. `record=true` also writes every watched
 number of every step to divergence/series.jsonl.
 
