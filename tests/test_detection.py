@@ -93,6 +93,8 @@ def test_predictions_convert_from_xyxy_labels_to_coco_entries():
                     "scores": torch.tensor([0.5])}]
     assert detections_to_coco([7], predictions, label_to_category=[3, 9]) == [
         {"image_id": 7, "category_id": 9, "bbox": [10.0, 20.0, 20.0, 40.0], "score": 0.5}]
+    # The caller's boxes stay xyxy: the detector draws them on its W&B overlays afterwards.
+    assert predictions[0]["boxes"].tolist() == [[10.0, 20.0, 30.0, 60.0]]
 
 
 def test_digit_canvases_are_a_coco_data_set_with_exact_boxes(tmp_path):

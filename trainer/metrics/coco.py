@@ -31,8 +31,8 @@ def detections_to_coco(image_ids: Sequence[int], predictions: Sequence[dict[str,
     """torchvision-style predictions (xyxy boxes, labels 0..K-1, scores) as COCO result entries."""
     results = []
     for image_id, prediction in zip(image_ids, predictions):
-        boxes = prediction["boxes"].detach().float().cpu()
-        boxes[:, 2:] -= boxes[:, :2]  # xyxy -> xywh
+        xyxy = prediction["boxes"].detach().float().cpu()  # (on CPU, the caller's own tensor: not in place)
+        boxes = torch.cat([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], dim=1)  # xyxy -> xywh
         for box, label, score in zip(boxes.tolist(), prediction["labels"].tolist(), prediction["scores"].tolist()):
             results.append({"image_id": int(image_id), "category_id": label_to_category[label], "bbox": box,
                             "score": score})
