@@ -8,6 +8,7 @@ import torch
 from conftest import TINY_DCGAN, compose_config
 from omegaconf import open_dict
 
+from trainer.callbacks.last_checkpoint import LastCheckpoint
 from trainer.run import train
 
 FAST = [*TINY_DCGAN, "logger=none", "~callbacks.gradients"]
@@ -77,3 +78,11 @@ def test_resume_never_starts_fresh_and_keeps_the_old_checkpoints(tmp_path: Path)
     # Resuming a finished 1-epoch run would train nothing; a fresh one trains an epoch at the new lr.
     assert fresh["global_step"] == before["global_step"]
     assert not torch.equal(fresh["state_dict"]["generator.net.0.weight"], before["state_dict"]["generator.net.0.weight"])
+
+
+def test_last_checkpoint_callbacks_share_no_state(tmp_path: Path) -> None:
+    """Loggers read `best_k_models` as they do on Lightning's ModelCheckpoint; one callback's must not be
+    another's (a class-level dict would be shared by every instance)."""
+    first, second = LastCheckpoint(str(tmp_path / "a")), LastCheckpoint(str(tmp_path / "b"))
+    first.best_k_models[str(tmp_path / "a" / "last.ckpt")] = 1.0
+    assert second.best_k_models == {}

@@ -18,7 +18,6 @@ class LastCheckpoint(L.Callback):
     current_score = None
     best_model_path = ""
     best_model_score = None
-    best_k_models: dict[str, Any] = {}
     save_top_k = 1
 
     def __init__(self, dirpath: str, every_n_train_steps: int | None = None):
@@ -27,6 +26,7 @@ class LastCheckpoint(L.Callback):
         self.dirpath = Path(dirpath)
         self.every_n_train_steps = every_n_train_steps
         self.last_model_path = ""
+        self.best_k_models: dict[str, Any] = {}  # (read by loggers too; always empty: nothing is ranked here)
         self._saved_at_step = -1
 
     def save(self, trainer: L.Trainer) -> bool:
