@@ -9,7 +9,7 @@ import pytest
 from tests.conftest import run_cli
 from tests.wandb_offline import find_runs, read_run
 from trainer.data.qa_facts import squad_split, write_facts_dataset
-from trainer.data.squad import Example, SquadDataModule, load_hub_squad, read_squad_file, tokenize
+from trainer.data.squad import Example, Features, SquadDataModule, load_hub_squad, read_squad_file, tokenize
 from trainer.errors import UserError
 from trainer.metrics.squad import normalize_answer, predict_answers, score, squad_metrics
 from trainer.models.qa import load_tokenizer
@@ -105,6 +105,18 @@ def test_predicted_spans_map_back_to_context_text(tokenizer):
     assert predict_answers([example], features, logits, max_answer_length=length + 2) == {"long-0": "Ada Cenmorzar Velbri"}
     assert predict_answers([example], features, logits, max_answer_length=length + 3)["long-0"].endswith(
         "by Ada Cenmorzar Velbri")
+
+
+def test_a_zero_width_span_is_never_the_answer():
+    """A token whose character span is empty (a tokenizer's zero-width piece) must not make the answer empty:
+    the best non-empty span wins, as in the reference post-processing."""
+    example = Example(id="zw", question="who?", context="Ada wrote it", answers=["Ada"], starts=[0])
+    features = Features(inputs=[{"input_ids": [0] * 5}], example=[0], start_positions=[0], end_positions=[0],
+                        offsets=[[None, (3, 3), (0, 3), (4, 9), None]])
+    start, end = np.full(5, -10.0), np.full(5, -10.0)
+    start[1] = end[1] = 8.0  # the zero-width token scores best
+    start[2] = end[2] = 5.0
+    assert predict_answers([example], features, {0: (start, end)}) == {"zw": "Ada"}
 
 
 def test_null_threshold_decides_no_answer(tokenizer):

@@ -73,7 +73,7 @@ def predict_answers(
     and end logits over its tokens).
 
     Candidates are the `n_best` start and end tokens of each window that lie in the context, with
-    start <= end < start + max_answer_length; the best scores start + end logit. With unanswerable questions
+    start <= end < start + max_answer_length and a non-empty text; the best scores start + end logit. With unanswerable questions
     (SQuAD v2) the answer is empty when the [CLS] score of the best window beats it by more than
     `null_threshold`.
     """
@@ -96,6 +96,8 @@ def predict_answers(
                 for e in ends:
                     if e >= len(offsets) or offsets[e] is None or not s <= e < s + max_answer_length:
                         continue
+                    if offsets[s][0] >= offsets[e][1]:
+                        continue  # an empty span (zero-width tokens) is no answer; "" is the null answer's
                     candidate = start_logits[s] + end_logits[e]
                     if candidate > best_score:
                         best_score = candidate
