@@ -83,6 +83,10 @@ def test_coco_ap_matches_hand_made_cases():
     split = coco_ap(gt, [detection(1, 1, [10, 10, 20, 20], 0.9)])
     assert split.per_class == pytest.approx({"one": 1.0, "two": 0.0}) and split.ap == pytest.approx(0.5)
     assert split.per_class50 == pytest.approx({"one": 1.0, "two": 0.0})
+    # Nothing to find at all: AP is undefined (NaN), found something or not, as for a class without boxes.
+    empty = ground_truth([], [])
+    assert all(math.isnan(scores.ap) and math.isnan(scores.ap50) for scores in
+               (coco_ap(empty, []), coco_ap(empty, [detection(1, 1, [0, 0, 10, 10], 0.9)])))
     absent = coco_ap(ground_truth([(1, [0, 0, 10, 10])]), [detection(1, 1, [0, 0, 10, 10], 0.9)])
     assert absent.per_class["one"] == pytest.approx(1.0) and math.isnan(absent.per_class["two"])
     assert coco_ap(gt, []).ap50 == 0.0

@@ -40,12 +40,14 @@ def detections_to_coco(image_ids: Sequence[int], predictions: Sequence[dict[str,
 
 
 def coco_ap(ground_truth: dict[str, Any], detections: list[dict[str, Any]]) -> CocoScores:
-    """AP of COCO result entries against a COCO-format ground truth (images, annotations, categories)."""
+    """AP of COCO result entries against a COCO-format ground truth (images, annotations, categories).
+    Without ground-truth boxes there is nothing to find and AP is undefined: NaN, overall as per class."""
     names = {c["id"]: c["name"] for c in ground_truth["categories"]}
     if not detections:  # pycocotools cannot load an empty result list; nothing found scores 0
         has_boxes = {a["category_id"] for a in ground_truth["annotations"]}
         per_class = {n: 0.0 if i in has_boxes else float("nan") for i, n in names.items()}
-        return CocoScores(0.0, 0.0, 0.0, per_class, dict(per_class))
+        overall = 0.0 if has_boxes else float("nan")
+        return CocoScores(overall, overall, overall, per_class, dict(per_class))
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
         gt = COCO()
         gt.dataset = _with_defaults(ground_truth)
