@@ -104,18 +104,3 @@ def is_logging_step(trainer: L.Trainer) -> bool:
     loop within about 1% of a hand-written one (scripts/bench_overhead.py).
     """
     return trainer._logger_connector.should_update_logs
-
-
-def log_now(trainer: L.Trainer, metrics: dict[str, float]) -> None:
-    """Values for the loggers and metrics.json at this step, past Lightning's `self.log`, which costs about
-    0.5 ms a key (it moves each metric's state to the device on every call): too much for a dozen values
-    logged every few hundred environment steps. No aggregation and no cross-rank sync: rank-local values."""
-    from trainer.callbacks.metrics import MetricsFile  # (that module imports this one)
-
-    metrics = {name: float(value) for name, value in metrics.items()}  # W&B serializes tensors slowly
-    step = log_step(trainer)
-    for logger in trainer.loggers:
-        logger.log_metrics(metrics, step=step)
-    for callback in trainer.callbacks:
-        if isinstance(callback, MetricsFile):
-            callback.record(metrics, trainer.global_step)

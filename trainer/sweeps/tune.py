@@ -18,7 +18,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
@@ -29,8 +29,13 @@ from trainer.errors import UserError
 from trainer.sweeps import sweep_group
 from trainer.sweeps.summary import Trial, summarize, wandb_settings, write_trial
 
-if TYPE_CHECKING:
-    from trainer.launchers.ray import RayLauncher
+
+class RayTrainLauncher(Protocol):
+    """What a sweep needs of `launcher=ray` (trainer/launchers/ray.py, which imports this module): a Ray Train
+    run of one config; each trial builds one of the launcher's type from its settings (`vars`)."""
+
+    def fit(self, cfg: DictConfig, callbacks: list[Any] | None = None) -> dict[str, Any]: ...
+
 
 SEARCHES = ("optuna", "random")
 SCHEDULERS = ("asha", "fifo")
@@ -97,7 +102,7 @@ def search_space(params: dict[str, str], cfg: DictConfig) -> dict[str, Any]:
     return space
 
 
-def tune_sweep(launcher: "RayLauncher", cfg: DictConfig) -> dict[str, Any]:
+def tune_sweep(launcher: RayTrainLauncher, cfg: DictConfig) -> dict[str, Any]:
     """Runs (or resumes) the sweep; returns the best trial's metrics.json content."""
     from ray import tune
 
@@ -106,6 +111,7 @@ def tune_sweep(launcher: "RayLauncher", cfg: DictConfig) -> dict[str, Any]:
     sweep_dir = Path(cfg.run_dir).resolve()
     group = cfg.group or sweep_group(cfg.name, sweep_dir)
     trainable = tune.with_parameters(_run_trial, base=_trial_base(cfg, group), sweep_dir=str(sweep_dir),
+                                     launcher_type=type(launcher),
                                      launcher_settings={**vars(launcher), "num_workers": settings.workers_per_trial})
     # A trial only waits for its Ray Train run, whose workers hold the CPUs and GPUs. Tune refuses an empty
     # request, and any CPU fraction would keep a worker's whole CPU from the next trial: one byte of memory.
@@ -157,18 +163,16 @@ def trial_names(state: Path) -> Callable[[Any], str]:
 
 
 def _run_trial(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str,
-               launcher_settings: dict[str, Any]) -> None:
+               launcher_type: type[RayTrainLauncher], launcher_settings: dict[str, Any]) -> None:
     """One trial, inside Tune: the base config with this trial's parameters, trained with Ray Train."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
-
-    from trainer.launchers.ray import RayLauncher
 
     cfg = OmegaConf.create(base)
     for key, value in params.items():
         OmegaConf.update(cfg, key, value)
     cfg.run_dir = str(Path(sweep_dir) / tune.get_context().get_trial_name())
-    RayLauncher(**launcher_settings).fit(cfg, callbacks=[TuneReportCallback()])
+    launcher_type(**launcher_settings).fit(cfg, callbacks=[TuneReportCallback()])
 
 
 def _trial_base(cfg: DictConfig, group: str) -> dict[str, Any]:

@@ -17,9 +17,10 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from torch.utils.data import DataLoader
 
+from trainer.callbacks.metrics import log_now
 from trainer.data.loading import rank_share
 from trainer.envs import EnvSpec, TrainingEnvs, as_tensor, env_seeds, render_episode, to_env
-from trainer.loggers import is_logging_step, log_now, log_step
+from trainer.loggers import is_logging_step, log_step
 from trainer.tasks.base import StepReport, Task
 
 
