@@ -46,8 +46,7 @@ sys.path.insert(0, str(REPO))
 
 sys.path.insert(0, str(REPO / "tests"))
 
-from conftest import compose_config  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
+from conftest import divergence_settings  # noqa: E402
 
 from trainer.divergence.detectors import SeriesWatch  # noqa: E402
 from trainer.divergence.series import Record, read_record  # noqa: E402
@@ -278,10 +277,6 @@ def closest_call(run: Run, exp: str) -> str:
                     peaks["level"] = (ratio, level.ratio, series)
     return ", ".join(f"{kind} {value:.3g} of {limit:g} ({series})" for kind, (value, limit, series) in peaks.items()
                      if series)
-
-
-def divergence_settings(exp: str) -> dict[str, Any]:
-    return OmegaConf.to_container(compose_config(f"+exp={exp}").divergence, resolve=True)
 
 
 def healthy_table(healthy: dict[str, list[Run]]) -> tuple[list[str], dict[str, dict[str, int]]]:

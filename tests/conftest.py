@@ -1,5 +1,6 @@
 """Shared helpers: compose configs in-process, and run the real CLI (`python -m trainer`) in a subprocess."""
 
+import json
 import os
 import subprocess
 import sys
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from trainer.__main__ import config_dir
 
@@ -62,3 +63,14 @@ def home(tmp_path: Path) -> Path:
     path = tmp_path / "home"
     path.mkdir()
     return path
+
+
+def divergence_settings(exp: str) -> dict:
+    """The `divergence` settings an exp runs with, as plain data."""
+    return OmegaConf.to_container(compose_config(f"+exp={exp}").divergence, resolve=True)
+
+
+def divergence_events(run_dir: Path, rank: int = 0) -> list[dict]:
+    """The guard's events file of a run (none written: no events)."""
+    path = run_dir / "divergence" / f"events-rank{rank}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []

@@ -10,7 +10,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_DCGAN, cli_env, compose_config, run_cli
+from conftest import TINY_DCGAN, cli_env, compose_config, divergence_events, run_cli
 from wandb_offline import find_runs, read_run
 
 from trainer.divergence.bundle import load_bundle, tensor_bytes
@@ -23,11 +23,6 @@ from trainer.run import build_task, build_trainer, train
 from trainer.tasks.base import GANReport, PolicyReport, ValueReport
 
 FAST = [*TINY_DCGAN, "logger=none", "++trainer.max_epochs=1", "++trainer.limit_train_batches=8"]
-
-
-def events(run_dir: Path, rank: int = 0) -> list[dict]:
-    lines = (run_dir / "divergence" / f"events-rank{rank}.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
 
 
 def test_a_poisoned_batch_halts_at_its_step_and_replays_anywhere(tmp_path: Path, home: Path) -> None:
@@ -77,7 +72,7 @@ def test_bundles_stop_at_their_size_cap_and_a_halt_still_writes_one(tmp_path: Pa
     # The NaN weight stays: every step from 2 on is detected and skipped, and only the first fits.
     train(compose_config(*poisoned, "divergence.action=skip", f"divergence.max_bundle_mb={room_for_one}",
                          run_dir=run_dir))
-    detected = events(run_dir)
+    detected = divergence_events(run_dir)
     assert [e["step"] for e in detected] == [2, 3, 4, 5, 6, 7]
     assert [("bundle" in e) for e in detected] == [True] + [False] * 5
     assert all((run_dir / "divergence" / f"step00000{e['step']}-nonfinite" / "event.png").is_file() for e in detected)
@@ -107,7 +102,7 @@ def test_spike_bundle_replays_and_a_lower_lr_is_checked(tmp_path: Path) -> None:
                          "divergence.inject.kind=huge_lr", "divergence.spike.warmup=3", "divergence.spike.window=10",
                          "divergence.action=warn", run_dir=run_dir)
     train(cfg)
-    detected = events(run_dir)
+    detected = divergence_events(run_dir)
     assert detected and detected[0]["step"] >= 6
     bundle = Path(detected[0]["bundle"])
     reproduced, probe, _ = replay(str(bundle))
@@ -119,7 +114,7 @@ def test_spike_bundle_replays_and_a_lower_lr_is_checked(tmp_path: Path) -> None:
 def test_skip_drops_the_bad_update_and_finishes_with_finite_weights(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     train(compose_config(*FAST, "divergence.inject.step=2", "divergence.action=skip", run_dir=run_dir))
-    (event,) = events(run_dir)
+    (event,) = divergence_events(run_dir)
     assert event["step"] == 2 and event["action"] == "skip" and event["detector"] == "nonfinite"
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     generator_adam, discriminator_adam = checkpoint["optimizer_states"]
@@ -161,7 +156,7 @@ def roll_back_at_step_6(run_dir: Path, *overrides: str, layer: str) -> list[dict
                          "divergence.inject.kind=nan_weight", f"divergence.inject.layer={layer}",
                          "divergence.action=rollback", "divergence.rollback.snapshot_every=4", run_dir=run_dir)
     rows = fit_with_probe(cfg, StepProbe()).rows
-    (event,) = events(run_dir)
+    (event,) = divergence_events(run_dir)
     assert event["step"] == 6 and event["action"] == "rollback" and event["detector"] == "nonfinite"
     return rows
 
@@ -214,8 +209,8 @@ def test_clip_scales_a_gradient_spike_down_to_the_detectors_limit(tmp_path: Path
                          "divergence.inject.kind=huge_lr", "divergence.spike.warmup=4", "divergence.spike.window=10",
                          "divergence.spike.min_ratio=1.5", "divergence.spike.action=clip", run_dir=run_dir)
     probe = fit_with_probe(cfg, GradNormProbe())
-    clipped = [e for e in events(run_dir) if e["action"] == "clip"]
-    assert clipped, events(run_dir)
+    clipped = [e for e in divergence_events(run_dir) if e["action"] == "clip"]
+    assert clipped, divergence_events(run_dir)
     for event in clipped:
         applied = probe.norms[event["step"], event["optimizer_index"]]
         assert event["value"] > event["limit"] and applied == pytest.approx(event["limit"], rel=1e-4)
@@ -228,7 +223,7 @@ def test_all_ddp_ranks_take_the_same_decision(tmp_path: Path, home: Path) -> Non
                      "divergence.action=skip", f"hydra.run.dir={run_dir}", home=home)
     assert result.returncode == 0, result.stderr[-3000:]
     keys = ("step", "detector", "action", "global_step")
-    rank0, rank1 = ([{k: e[k] for k in keys} for e in events(run_dir, rank)] for rank in (0, 1))
+    rank0, rank1 = ([{k: e[k] for k in keys} for e in divergence_events(run_dir, rank)] for rank in (0, 1))
     assert rank0 == rank1 and rank0[0]["step"] == 2 and rank0[0]["action"] == "skip"
 
 

@@ -10,8 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import TINY_DCGAN, compose_config
-from omegaconf import OmegaConf
+from conftest import TINY_DCGAN, compose_config, divergence_events, divergence_settings
 
 from trainer.divergence.series import detect, read_record
 from trainer.run import train
@@ -20,10 +19,6 @@ FIXTURES = Path(__file__).parent / "data" / "guard"
 HEALTHY = sorted(FIXTURES.glob("healthy-*.jsonl.gz"))
 ZOO = sorted(FIXTURES.glob("zoo-*.jsonl.gz"))
 QUIET = ["logger=none", "++trainer.enable_progress_bar=false", "++trainer.enable_model_summary=false"]
-
-
-def divergence_settings(exp: str) -> dict:
-    return OmegaConf.to_container(compose_config(f"+exp={exp}").divergence, resolve=True)
 
 
 def about(fixture: Path) -> dict:
@@ -60,7 +55,7 @@ def test_a_gan_at_a_learning_rate_far_too_high_collapses_and_is_reported(tmp_pat
     run_dir = tmp_path / "run"
     train(compose_config(*TINY_DCGAN, *QUIET, f"task.lr={lr}", "task.beta1=0.9", "++trainer.limit_train_batches=20",
                          "++trainer.max_epochs=4", "divergence.action=warn", run_dir=run_dir))
-    detectors = {e["detector"] for e in read_events(run_dir)}
+    detectors = {e["detector"] for e in divergence_events(run_dir)}
     assert detectors == ({"collapse"} if collapses else set())
 
 
@@ -74,7 +69,7 @@ def test_an_rl_agent_at_a_learning_rate_far_too_high_is_reported(tmp_path: Path,
     run_dir = tmp_path / "run"
     train(compose_config(f"+exp={algo}", *QUIET, *overrides, "task.env_steps_per_epoch=4096", "task.eval_episodes=2",
                          "task.video_frames=0", "divergence.action=warn", run_dir=run_dir))
-    assert series & {e["series"] for e in read_events(run_dir) if e["detector"] == "collapse"}
+    assert series & {e["series"] for e in divergence_events(run_dir) if e["detector"] == "collapse"}
 
 
 def test_the_default_runs_of_these_agents_are_not_reported(tmp_path: Path) -> None:
@@ -83,13 +78,8 @@ def test_the_default_runs_of_these_agents_are_not_reported(tmp_path: Path) -> No
         train(compose_config(f"+exp={algo}", *QUIET, f"task.total_env_steps={budget}", "task.eval_episodes=2",
                              "task.video_frames=0", "divergence.action=warn", "divergence.record=true",
                              run_dir=run_dir))
-        assert read_events(run_dir) == []
+        assert divergence_events(run_dir) == []
     # The guard sees PPO's gradient norms before PPO clips them to task.max_grad_norm (0.5): an explosion
     # would not show in clipped ones.
     norms = read_record(tmp_path / "ppo" / "divergence" / "series.jsonl").grad_norms("agent")
     assert max(norm for _, norm in norms) > 2.0
-
-
-def read_events(run_dir: Path) -> list[dict]:
-    path = run_dir / "divergence" / "events-rank0.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []

@@ -38,11 +38,6 @@ class Record:
     def grad_norms(self, network: str) -> list[tuple[int, float]]:
         return [(s.step, norm) for s in self.steps for norm in s.grad_norms.get(network, [])]
 
-    @property
-    def loss_names(self) -> list[str]:
-        return list(self.steps[-1].report.losses) if self.steps else []
-
-
 def read_record(path: str | Path) -> Record:
     """A series.jsonl (or .jsonl.gz) as the guard wrote it."""
     path = Path(path)
