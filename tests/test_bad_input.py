@@ -98,3 +98,8 @@ def test_checkpoint_of_another_model(tmp_path: Path, home: Path, trained_run: Pa
     result = run_cli(*FAST, "model.generator.width=16", f"hydra.run.dir={trained_run}", home=home)
     assert_clean_failure(result, "of another model", "generator.net.0.weight")
     assert fingerprint(trained_run) == before
+
+
+def test_a_misspelt_monitor_metric_names_the_metrics_logged(tmp_path: Path, home: Path) -> None:
+    result = run_cli(*FAST, "monitor.metric=val/pixel_df", f"hydra.run.dir={tmp_path / 'run'}", home=home)
+    assert_clean_failure(result, "monitor.metric=val/pixel_df is never logged", "'val/pixel_fd'")

@@ -95,7 +95,7 @@ def test_shards_are_disjoint_and_equal_in_size(monkeypatch: pytest.MonkeyPatch) 
 
     seen = []
     for rank in range(3):
-        monkeypatch.setattr(loading, "_rank_and_world", lambda rank=rank: (rank, 3))
+        monkeypatch.setattr(loading, "rank_and_world", lambda rank=rank: (rank, 3))
         sampler = loading.ShardedSampler(20, seed=5)
         shard = list(sampler)
         assert len(shard) == len(sampler) == 6

@@ -38,6 +38,11 @@ def resolve_wandb_mode(mode: str) -> str:
     return os.environ.get("WANDB_MODE") or ("online" if has_wandb_api_key() else "offline")
 
 
+def wandb_loggers(trainer: L.Trainer) -> list[WandbLogger]:
+    """The run's W&B loggers, for what only W&B shows (tables, boxes, videos, histograms)."""
+    return [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+
+
 def new_run_id() -> str:
     return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 

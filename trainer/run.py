@@ -11,13 +11,12 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from trainer.callbacks.best_checkpoint import BestCheckpoint
 from trainer.callbacks.metrics import MetricsFile
 from trainer.callbacks.rng import RNGState
 from trainer.checkpoint import SafeCheckpointIO, resume_checkpoint
@@ -64,12 +63,6 @@ def train(
         logger.log_hyperparams({**resolved, "git": git_state()})
     try:
         pl_trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    except MisconfigurationException as e:
-        if "could not find the monitored key" not in str(e):
-            raise
-        logged = str(e).split("returned metrics: ", 1)[-1].split(".", 1)[0]
-        raise UserError(f"monitor.metric={cfg.monitor.metric} is never logged by the task (it logs {logged}): "
-                        "set monitor.metric to one of those") from None
     finally:
         finish_wandb()
     return metrics_file.metrics
@@ -103,7 +96,7 @@ def build_trainer(
     metrics_file = MetricsFile(run_dir / "metrics.json")
     if cfg.monitor.metric:
         metrics_file.modes[cfg.monitor.metric] = cfg.monitor.mode
-        callbacks.append(best_checkpoint(run_dir, cfg.monitor.metric, cfg.monitor.mode))
+        callbacks.append(BestCheckpoint(run_dir, cfg.monitor.metric, cfg.monitor.mode))
     loggers = [build(node, f"logger.{name}") for name, node in (cfg.logger or {}).items() if _is_buildable(node)]
     # The guard goes first: at the end of a bad batch it must act before any checkpoint is written.
     callbacks = divergence_callbacks(OmegaConf.to_container(cfg.divergence, resolve=True)) + callbacks
@@ -122,19 +115,6 @@ def build_trainer(
         **({"strategy": strategy} if strategy is not None else {}),
     )
     return pl_trainer, metrics_file
-
-
-def best_checkpoint(run_dir: Path, metric: str, mode: str) -> ModelCheckpoint:
-    if mode not in ("min", "max"):
-        raise UserError(f"monitor.mode={mode} is not an option: use min or max")
-    return ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
-        filename="best-epoch{epoch:03d}-step{step:06d}",
-        auto_insert_metric_name=False,
-        monitor=metric,
-        mode=mode,
-        save_top_k=1,
-    )
 
 
 def _is_buildable(node: Any) -> bool:

@@ -14,9 +14,8 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import WandbLogger
 
-from trainer.loggers import log_step
+from trainer.loggers import log_step, wandb_loggers
 
 
 def layer_name(param_name: str) -> str:
@@ -130,9 +129,8 @@ class GradientMonitor(L.Callback):
             counts = torch.histc(flat, bins=self.bins, min=lo, max=hi).cpu().numpy()
             edges = torch.linspace(lo, hi, self.bins + 1).numpy()
             histograms[f"grad_hist/{_panel(name)}"] = wandb.Histogram(np_histogram=(counts, edges))
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.experiment.log({**histograms, "trainer/global_step": step})
+        for logger in wandb_loggers(trainer):
+            logger.experiment.log({**histograms, "trainer/global_step": step})
 
 
 def _panel(layer: str) -> str:

@@ -14,9 +14,10 @@ import lightning as L
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from trainer.data.digit_canvases import write_digit_canvases
+from trainer.data.evaluation import evaluation_loader
 from trainer.data.loading import ResumableLoader
 from trainer.errors import UserError
 
@@ -173,13 +174,11 @@ class CocoDataModule(L.LightningDataModule):
             raise UserError(f"{train_annotations} and {val_annotations} have different categories: "
                             "both splits need the same category list")
 
-    def _loader(self, dataset: CocoDetection, shuffle: bool) -> ResumableLoader:
-        return ResumableLoader(dataset, batch_size=self.batch_size, seed=self.seed, shuffle=shuffle,
-                               drop_last=shuffle, num_workers=self.num_workers, collate_fn=collate,
+    def train_dataloader(self) -> ResumableLoader:
+        return ResumableLoader(self.train_set, batch_size=self.batch_size, seed=self.seed, drop_last=True,
+                               num_workers=self.num_workers, collate_fn=collate,
                                persistent_workers=self.num_workers > 0)
 
-    def train_dataloader(self) -> ResumableLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> ResumableLoader:
-        return self._loader(self.val_set, shuffle=False)
+    def val_dataloader(self) -> DataLoader:
+        """Each rank's share of the images; the targets carry the image ids that results are keyed by."""
+        return evaluation_loader(self.val_set, self.batch_size, num_workers=self.num_workers, collate_fn=collate)

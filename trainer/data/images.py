@@ -12,8 +12,9 @@ import lightning as L
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
+from trainer.data.evaluation import Indexed, evaluation_loader
 from trainer.data.loading import ResumableLoader
 from trainer.errors import UserError
 
@@ -114,26 +115,29 @@ class ImageDataModule(L.LightningDataModule):
                 "add images or lower data.batch_size"
             )
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> ResumableLoader:
+    def train_dataloader(self) -> ResumableLoader:
         return ResumableLoader(
-            dataset,
+            self.train_set,
             batch_size=self.batch_size,
             seed=self.seed,
-            shuffle=shuffle,
-            drop_last=shuffle,  # full batches keep BatchNorm statistics and DDP steps even
+            drop_last=True,  # full batches keep BatchNorm statistics and DDP steps even
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
         )
 
-    def train_dataloader(self) -> ResumableLoader:
-        return self._loader(self.train_set, shuffle=True)
+    def val_dataloader(self) -> DataLoader:
+        """(index, image) batches: validation results are keyed by image (trainer/data/evaluation.py)."""
+        return evaluation_loader(Indexed(self.val_set), self.batch_size, num_workers=self.num_workers,
+                                 pin_memory=self.pin_memory)
 
-    def val_dataloader(self) -> ResumableLoader:
-        return self._loader(self.val_set, shuffle=False)
-
-    def on_after_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> torch.Tensor:
-        return batch.contiguous(memory_format=torch.channels_last) if self.channels_last else batch
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if not self.channels_last:
+            return batch
+        if isinstance(batch, torch.Tensor):
+            return batch.contiguous(memory_format=torch.channels_last)
+        index, images = batch
+        return index, images.contiguous(memory_format=torch.channels_last)
 
 
 class DigitsDataModule(ImageDataModule):

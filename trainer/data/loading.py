@@ -10,30 +10,18 @@ from collections.abc import Iterator, Sized
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-
-def _rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def rank_share(indices: list[int]) -> list[int]:
-    """This rank's share of an evaluation set, every rank the same count (the last ones repeat an item), so
-    results can be all-gathered in equal shapes; callers drop the repeats by index."""
-    rank, world = _rank_and_world()
-    per_rank = -(-len(indices) // world)
-    share = indices[rank::world]
-    return share + indices[: per_rank - len(share)]
+from trainer.data.evaluation import rank_and_world
 
 
 class ShardedSampler(Sampler[int]):
-    """Seeded per-epoch permutation, split evenly across distributed ranks (every rank gets the same count)."""
+    """Seeded per-epoch permutation, split evenly across distributed ranks (every rank gets the same count; the
+    last size % world items of an epoch's order are left for later epochs). For training; validation shares
+    out every item (trainer/data/evaluation.py)."""
 
-    def __init__(self, size: int, seed: int, shuffle: bool = True):
-        self.size, self.seed, self.shuffle = size, seed, shuffle
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed = size, seed
         self.epoch = 0
         self.start = 0  # indices of this rank's shard to skip, set when resuming mid-epoch
 
@@ -41,14 +29,11 @@ class ShardedSampler(Sampler[int]):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.size // _rank_and_world()[1]
+        return self.size // rank_and_world()[1]
 
     def __iter__(self) -> Iterator[int]:
-        if self.shuffle:
-            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        else:
-            order = torch.arange(self.size)
-        rank, world = _rank_and_world()
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        rank, world = rank_and_world()
         shard = order[rank : len(self) * world : world]
         start, self.start = self.start, 0
         return iter(shard[start:].tolist())
@@ -56,7 +41,7 @@ class ShardedSampler(Sampler[int]):
 
 class ResumableLoader(DataLoader):
     def __init__(
-        self, dataset: Dataset, batch_size: int, seed: int, shuffle: bool = True, sampler: Any = None, **kwargs: Any
+        self, dataset: Dataset, batch_size: int, seed: int, sampler: Any = None, **kwargs: Any
     ):
         assert isinstance(dataset, Sized)
         kwargs.pop("generator", None)
@@ -64,7 +49,7 @@ class ResumableLoader(DataLoader):
             dataset,
             batch_size=batch_size,
             # Lightning passes its own sampler when it rebuilds the loader (trainer.overfit_batches).
-            sampler=sampler if sampler is not None else ShardedSampler(len(dataset), seed, shuffle),
+            sampler=sampler if sampler is not None else ShardedSampler(len(dataset), seed),
             generator=torch.Generator().manual_seed(seed),
             **kwargs,
         )

@@ -17,7 +17,8 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset
 
-from trainer.data.loading import ResumableLoader, rank_share
+from trainer.data.evaluation import evaluation_loader
+from trainer.data.loading import ResumableLoader
 from trainer.data.qa_facts import write_facts_dataset
 from trainer.errors import UserError
 from trainer.models.qa import load_tokenizer
@@ -242,7 +243,7 @@ class SquadDataModule(L.LightningDataModule):
                             f"{self.batch_size}: add examples or lower data.batch_size")
 
     def train_dataloader(self) -> ResumableLoader:
-        return ResumableLoader(self.train_set, batch_size=self.batch_size, seed=self.seed, shuffle=True,
+        return ResumableLoader(self.train_set, batch_size=self.batch_size, seed=self.seed,
                                drop_last=True, collate_fn=PadToLongest(self.pad_token_id),
                                num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
@@ -251,10 +252,8 @@ class SquadDataModule(L.LightningDataModule):
         # every item carries its feature index.
         inputs = self.val_set.features.inputs
         by_length = sorted(range(len(inputs)), key=lambda i: len(inputs[i]["input_ids"]))
-        share = rank_share(by_length)
-        return DataLoader(torch.utils.data.Subset(FeatureSet(self.val_set.features, train=False), share),
-                          batch_size=self.eval_batch_size, collate_fn=PadToLongest(self.pad_token_id),
-                          num_workers=self.num_workers)
+        return evaluation_loader(FeatureSet(self.val_set.features, train=False), self.eval_batch_size, by_length,
+                                 collate_fn=PadToLongest(self.pad_token_id), num_workers=self.num_workers)
 
 
 def load_hub_squad(name: str) -> tuple[list[Example], list[Example]]:

@@ -9,15 +9,14 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.distributed as dist
-from lightning.pytorch.loggers import WandbLogger
 from torch import nn
 
 from trainer.data.coco import Target
+from trainer.data.evaluation import gather_by_key
 from trainer.errors import UserError
-from trainer.loggers import log_step
+from trainer.loggers import log_step, wandb_loggers
 from trainer.metrics.coco import CocoScores, coco_ap, detections_to_coco
-from trainer.tasks.base import StepReport, Task
+from trainer.tasks.base import StepReport, Task, stepwise
 
 Batch = tuple[list[torch.Tensor], list[Target]]
 
@@ -28,8 +27,7 @@ class Detection(Task):
         super().__init__()
         self.save_hyperparameters(ignore=["detector"])
         self.detector = detector
-        self._detections: list[dict[str, Any]] = []
-        self._image_ids: list[int] = []
+        self._detections: dict[int, list[dict[str, Any]]] = {}  # image id -> its COCO result entries
         self._overlays: list[tuple[torch.Tensor, Target, dict[str, torch.Tensor]]] = []  # for W&B
 
     def setup(self, stage: str) -> None:
@@ -44,11 +42,11 @@ class Detection(Task):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay,
-                                      fused=self.device.type in ("cpu", "cuda"))
+                                      fused=self.fused_optimizer)
         total = max(1, self.trainer.estimated_stepping_batches)
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, hp.lr, total_steps=total,
                                                        pct_start=hp.warmup_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return stepwise(optimizer, schedule)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         images, targets = batch
@@ -62,22 +60,18 @@ class Detection(Task):
         images, targets = batch
         ids = torch.stack([t["image_id"] for t in targets]).tolist()  # one read, not one per image
         predictions = self.detector(images)
-        self._image_ids += ids
-        self._detections += detections_to_coco(ids, predictions, self.trainer.datamodule.val_set.category_ids)
+        category_ids = self.trainer.datamodule.val_set.category_ids
+        for image_id, prediction in zip(ids, predictions):
+            self._detections[image_id] = detections_to_coco([image_id], [prediction], category_ids)
         room = self.hparams.overlay_images - len(self._overlays)
         self._overlays += [(i.cpu(), t, p) for i, t, p in zip(images[:room], targets, predictions)]
 
     def on_validation_epoch_end(self) -> None:
-        if not self._image_ids:
+        if not self._detections:
             return
-        detections, image_ids = self._detections, self._image_ids
-        self._detections, self._image_ids = [], []
-        if self.trainer.world_size > 1:  # each rank saw its share of the images: score them all, everywhere
-            gathered: list[Any] = [None] * self.trainer.world_size
-            dist.all_gather_object(gathered, (detections, image_ids))
-            detections = [d for part, _ in gathered for d in part]
-            image_ids = [i for _, part in gathered for i in part]
-        scores = coco_ap(self.ground_truth(set(image_ids)), detections)
+        by_image = gather_by_key(self._detections)  # each rank saw its share: score every image once, everywhere
+        self._detections = {}
+        scores = coco_ap(self.ground_truth(set(by_image)), [d for entries in by_image.values() for d in entries])
         self.log_dict({"val/AP": scores.ap, "val/AP50": scores.ap50, "val/AP75": scores.ap75}, sync_dist=False)
         overlays, self._overlays = self._overlays, []
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
@@ -94,7 +88,7 @@ class Detection(Task):
 def log_to_wandb(trainer: L.Trainer, overlays: list[tuple[torch.Tensor, Target, dict[str, torch.Tensor]]],
                  scores: CocoScores, class_names: list[str]) -> None:
     """Validation images with predicted and true boxes as W&B box overlays, and a table of per-class AP."""
-    loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+    loggers = wandb_loggers(trainer)
     if not loggers:
         return
     import wandb

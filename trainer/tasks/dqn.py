@@ -60,8 +60,9 @@ class DQN(RLTask):
         if not isinstance(env.action_space, gym.spaces.Discrete):
             raise UserError(f"DQN needs discrete actions, and env.id={env.id} has {env.action_space}: "
                             "train it with +exp=ppo, or pick an environment with discrete actions")
-        super().__init__(env, num_envs, updates_per_step * train_frequency * num_envs, total_env_steps, env_steps_per_epoch,
-                         eval_episodes, eval_seed, video_frames, seed)
+        super().__init__(env=env, num_envs=num_envs, env_steps_per_batch=updates_per_step * train_frequency * num_envs,
+                         total_env_steps=total_env_steps, env_steps_per_epoch=env_steps_per_epoch,
+                         eval_episodes=eval_episodes, eval_seed=eval_seed, video_frames=video_frames, seed=seed)
         self.save_hyperparameters(ignore=["q_network", "env"])
         self.automatic_optimization = False  # some steps only play; Lightning must not call backward
         self.q_network = q_network(env.observation_space, env.action_space)

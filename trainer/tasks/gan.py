@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.data.evaluation import gather_by_key
 from trainer.images import log_image_grid
 from trainer.tasks.base import GANReport, Task, ValidationReport
 
@@ -33,7 +34,7 @@ class DCGAN(Task):
         # Fixed noise, part of the checkpoint, so sample grids are comparable across epochs and resumes.
         noise = torch.randn(num_samples, self.latent_dim, generator=torch.Generator().manual_seed(0))
         self.register_buffer("sample_noise", noise)
-        self._val_features: dict[str, list[torch.Tensor]] = {"real": [], "fake": []}
+        self._val_features: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # image -> (real, fake) features
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         betas = (self.hparams.beta1, self.hparams.beta2)
@@ -67,20 +68,23 @@ class DCGAN(Task):
         self.report(GANReport(losses={"loss_d": loss_d, "loss_g": loss_g},
                               D_x=d_real.sigmoid().mean(), D_G_z=d_fake.sigmoid().mean()))
 
-    # -- validation: Fréchet distance of 8x8 pixel features, with noise fixed per batch index ----------
+    # -- validation: Fréchet distance of 8x8 pixel features, with noise fixed per validation image ------
 
-    def validation_step(self, real: torch.Tensor, batch_idx: int) -> None:
-        noise = torch.randn(real.shape[0], self.latent_dim, generator=torch.Generator().manual_seed(batch_idx))
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        index, real = batch
+        noise = torch.stack([torch.randn(self.latent_dim, generator=torch.Generator().manual_seed(i))
+                             for i in index.tolist()])
         fake = self.generator(noise.to(self.device))
-        self._val_features["real"].append(_pixel_features(real))
-        self._val_features["fake"].append(_pixel_features(fake))
+        features = zip(index.tolist(), _pixel_features(real).cpu(), _pixel_features(fake).cpu())
+        self._val_features.update({i: (r, f) for i, r, f in features})
 
     def on_validation_epoch_end(self) -> None:
-        real, fake = (self.all_gather(torch.cat(self._val_features[k])).flatten(0, -2) for k in ("real", "fake"))
-        self._val_features = {"real": [], "fake": []}
-        diversity = sample_diversity(real.double(), fake.double())
-        self.log_dict({"val/pixel_fd": frechet_distance(real.double(), fake.double()).float(),
-                       "val/sample_diversity": diversity}, sync_dist=False)
+        features = gather_by_key(self._val_features)  # every validation image once, whatever the world size
+        self._val_features = {}
+        real, fake = (torch.stack(part).double() for part in zip(*features.values()))
+        diversity = sample_diversity(real, fake)
+        self.log_dict({"val/pixel_fd": frechet_distance(real, fake).float(), "val/sample_diversity": diversity},
+                      sync_dist=False)
         self.report_validation(ValidationReport(sample_diversity=diversity))
 
     def on_train_epoch_end(self) -> None:

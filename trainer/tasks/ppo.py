@@ -45,8 +45,9 @@ class PPO(RLTask):
         eval_seed: int = 1_000_000,
         video_frames: int = 200,
     ):
-        super().__init__(env, num_envs, num_steps * num_envs, total_env_steps, env_steps_per_epoch,
-                         eval_episodes, eval_seed, video_frames, seed)
+        super().__init__(env=env, num_envs=num_envs, env_steps_per_batch=num_steps * num_envs,
+                         total_env_steps=total_env_steps, env_steps_per_epoch=env_steps_per_epoch,
+                         eval_episodes=eval_episodes, eval_seed=eval_seed, video_frames=video_frames, seed=seed)
         self.save_hyperparameters(ignore=["agent", "env"])
         self.automatic_optimization = False  # several updates per rollout
         self.agent = agent(env.observation_space, env.action_space)

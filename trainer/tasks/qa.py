@@ -11,16 +11,13 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.loggers import WandbLogger
 from torch import nn
 
+from trainer.data.evaluation import gather_by_key
 from trainer.data.squad import Example, ValidationSet
-from trainer.loggers import log_step
+from trainer.loggers import log_step, wandb_loggers
 from trainer.metrics.squad import predict_answers, score, squad_metrics
-from trainer.tasks.base import StepReport, Task
-
-PAD_LOGIT = -1e4  # pads the scores of short windows to one width for gathering; never a candidate
-
+from trainer.tasks.base import StepReport, Task, stepwise
 
 class ExtractiveQA(Task):
     def __init__(
@@ -37,7 +34,7 @@ class ExtractiveQA(Task):
         super().__init__()
         self.save_hyperparameters(ignore=["encoder"])
         self.encoder = encoder
-        self._val_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._val_logits: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # feature -> start and end logits
 
     def configure_optimizers(self) -> dict[str, Any]:
         from transformers import get_linear_schedule_with_warmup
@@ -45,13 +42,12 @@ class ExtractiveQA(Task):
         # As BERT was trained: no weight decay on biases and LayerNorm weights.
         decay = [p for p in self.parameters() if p.ndim > 1]
         no_decay = [p for p in self.parameters() if p.ndim <= 1]
-        # Fused AdamW: one kernel for all parameters, 13% of a CPU step for MiniLM (scripts/bench_qa.py).
         optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},
                                        {"params": no_decay, "weight_decay": 0.0}], lr=self.hparams.lr,
-                                      fused=self.device.type in ("cpu", "cuda"))
+                                      fused=self.fused_optimizer)
         total = self.trainer.estimated_stepping_batches
         schedule = get_linear_schedule_with_warmup(optimizer, int(self.hparams.warmup_ratio * total), total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return stepwise(optimizer, schedule)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         # The batch holds the gold start and end tokens; the model's loss is the mean of the two cross-entropies.
@@ -64,20 +60,16 @@ class ExtractiveQA(Task):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         feature_index = batch.pop("feature_index")
         out = self.encoder(**batch)
-        width = self.trainer.datamodule.max_length
-        start, end = (nn.functional.pad(x.float(), (0, width - x.shape[1]), value=PAD_LOGIT)
-                      for x in (out.start_logits, out.end_logits))
-        self._val_outputs.append((feature_index, start, end))
+        lengths = batch["attention_mask"].sum(1).tolist()  # each window's own tokens, without the padding
+        start, end = (x.float().cpu().numpy() for x in (out.start_logits, out.end_logits))
+        for row, (index, length) in enumerate(zip(feature_index.tolist(), lengths)):
+            self._val_logits[index] = (start[row, :length], end[row, :length])
 
     def on_validation_epoch_end(self) -> None:
-        if not self._val_outputs:
+        if not self._val_logits:
             return
-        index, start, end = (torch.cat(parts) for parts in zip(*self._val_outputs))
-        self._val_outputs = []
-        if self.trainer.world_size > 1:
-            index, start, end = (self.all_gather(x).flatten(0, 1) for x in (index, start, end))
-        start, end = start.cpu().numpy(), end.cpu().numpy()
-        logits = {i: (start[row], end[row]) for row, i in enumerate(index.tolist())}  # drops ranks' repeats
+        logits = gather_by_key(self._val_logits)  # every window once, whatever the world size
+        self._val_logits = {}
         val: ValidationSet = self.trainer.datamodule.val_set
         hp = self.hparams
         predictions = predict_answers(val.examples, val.features, logits, hp.n_best, hp.max_answer_length,
@@ -90,7 +82,7 @@ class ExtractiveQA(Task):
 
 def log_answers_table(trainer: L.Trainer, examples: list[Example], predictions: dict[str, str], rows: int) -> None:
     """The first `rows` answered questions (the same ones every epoch) as a W&B table."""
-    loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+    loggers = wandb_loggers(trainer)
     if not loggers or not trainer.is_global_zero or rows <= 0:
         return
     data = []

@@ -14,13 +14,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch.loggers import WandbLogger
 from torch.utils.data import DataLoader
 
 from trainer.callbacks.metrics import log_now
-from trainer.data.loading import rank_share
+from trainer.data.evaluation import gather_by_key, rank_share
 from trainer.envs import EnvSpec, TrainingEnvs, as_tensor, env_seeds, render_episode, to_env
-from trainer.loggers import is_logging_step, log_step
+from trainer.loggers import is_logging_step, log_step, wandb_loggers
 from trainer.tasks.base import StepReport, Task
 
 
@@ -49,6 +48,7 @@ class EmptyBatches:
 class RLTask(Task):
     def __init__(
         self,
+        *,
         env: EnvSpec,
         num_envs: int,
         env_steps_per_batch: int,
@@ -70,7 +70,7 @@ class RLTask(Task):
         self.video_frames, self.seed = video_frames, seed
         self.envs: TrainingEnvs | None = None  # made in setup, when the world size is known
         self._steps_at_log, self._train_time = 0, 0.0  # env steps at the last log, training seconds since
-        self._val_returns: list[torch.Tensor] = []
+        self._val_returns: dict[int, tuple[float, float]] = {}  # seed -> (return, episode length)
 
     # -- environments -------------------------------------------------------------------------------------
 
@@ -91,11 +91,6 @@ class RLTask(Task):
     def teardown(self, stage: str) -> None:
         if stage == "fit" and self.envs is not None:
             self.envs.close()
-
-    @property
-    def fused_optimizer(self) -> bool:
-        """Adam's fused kernel: a third of the default's time per update for networks this small."""
-        return self.device.type in ("cpu", "cuda")
 
     # -- the loop: empty batches, an epoch of env steps, a budget -----------------------------------------
 
@@ -161,22 +156,19 @@ class RLTask(Task):
                 returns[first] = torch.from_numpy(infos["episode"]["r"][first]).float()
                 lengths[first] = torch.from_numpy(infos["episode"]["l"][first]).float()
         envs.close()
-        self._val_returns.append(torch.stack([seeds.float(), returns, lengths], 1).to(self.device))
+        self._val_returns.update(zip(seeds.tolist(), zip(returns.tolist(), lengths.tolist())))
 
     def on_validation_epoch_end(self) -> None:
         if not self._val_returns:
             return
-        results = torch.cat(self._val_returns)
-        self._val_returns = []
-        if self.trainer.world_size > 1:
-            results = self.all_gather(results).flatten(0, 1)
-        results = torch.stack([row for seed, row in {int(r[0]): r for r in results}.items()])  # drop repeats
-        self.log_dict({"val/return": results[:, 1].mean(), "val/return_std": results[:, 1].std(correction=0),
-                       "val/episode_length": results[:, 2].mean()}, sync_dist=False)
+        returns, lengths = torch.tensor(list(gather_by_key(self._val_returns).values())).T  # each seed once
+        self._val_returns = {}
+        self.log_dict({"val/return": returns.mean(), "val/return_std": returns.std(correction=0),
+                       "val/episode_length": lengths.mean()}, sync_dist=False)
         self.log_episode_video()
 
     def log_episode_video(self) -> None:
-        loggers = [lg for lg in self.trainer.loggers if isinstance(lg, WandbLogger)]
+        loggers = wandb_loggers(self.trainer)
         if not loggers or not self.trainer.is_global_zero or self.video_frames <= 0 or self.trainer.sanity_checking:
             return
         import wandb
