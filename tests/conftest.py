@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
@@ -56,6 +57,23 @@ def run_cli(*args: str, home: Path, cwd: Path | None = None, timeout: float = 24
         text=True,
         timeout=timeout,
     )
+
+
+def assert_clean_failure(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    """The run failed as bad input must: non-zero exit, no traceback, one `error:` line holding `fragments`."""
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-2000:]
+    assert "Traceback" not in output, output[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+def last_step(run_dir: Path) -> int:
+    """The global step of a run's last checkpoint."""
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
 
 
 @pytest.fixture

@@ -5,20 +5,9 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from conftest import TINY_DCGAN, run_cli
+from conftest import TINY_DCGAN, assert_clean_failure, run_cli
 
 FAST = [*TINY_DCGAN, "logger=none", "++trainer.max_epochs=1"]
-
-
-def assert_clean_failure(result, *fragments: str) -> str:
-    output = result.stdout + result.stderr
-    assert result.returncode != 0, output[-2000:]
-    assert "Traceback" not in output, output[-3000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, result.stderr[-2000:]
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-    return errors[0]
 
 
 @pytest.fixture(scope="module")

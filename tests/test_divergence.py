@@ -17,8 +17,8 @@ from trainer.divergence.bundle import load_bundle, tensor_bytes
 from trainer.divergence.checks import InitialLossCheck, gradient_check
 from trainer.divergence.detectors import CollapseWatch, LevelDetector, SpikeDetector
 from trainer.errors import UserError
-from trainer.replay import replay
 from trainer.loggers import log_step
+from trainer.replay import replay
 from trainer.run import build_task, build_trainer, train
 from trainer.tasks.base import GANReport, PolicyReport, ValueReport
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import compose_config
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from conftest import compose_config
 from trainer.data.evaluation import gather_by_key, rank_share
 
 WORLD = 3

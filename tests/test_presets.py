@@ -19,7 +19,9 @@ def test_debug_presets_run(preset: str, tmp_path: Path) -> None:
     extra = ["++trainer.max_epochs=3", "++trainer.check_val_every_n_epoch=1"] if preset == "overfit" else []
     if preset == "profiler":
         extra = ["++trainer.limit_train_batches=3"]
-    train(compose_config(*FAST, f"debug={preset}", *extra, run_dir=tmp_path))
+    metrics = train(compose_config(*FAST, f"debug={preset}", *extra, run_dir=tmp_path))
+    if preset == "fdr":  # one batch of each, nothing written
+        assert metrics["val/pixel_fd"]["final"] > 0 and not (tmp_path / "checkpoints").exists()
     if preset == "profiler":
         assert list(tmp_path.glob("*profile*.txt"))
     if preset in ("overfit", "limit"):

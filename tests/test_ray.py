@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_DCGAN, cli_env, run_cli
+from conftest import TINY_DCGAN, cli_env, last_step, run_cli
 from wandb_offline import find_runs, read_run
 
 RAY = ["launcher=ray", "launcher.num_workers=2"]
@@ -20,10 +20,6 @@ SLOW_DCGAN = [
     "++trainer.max_epochs=6", "++trainer.log_every_n_steps=2", "++trainer.enable_progress_bar=false",
     "callbacks.last_checkpoint.every_n_train_steps=4",  # every 2 batches (2 optimizer steps per batch)
 ]
-
-
-def last_step(run_dir: Path) -> int:
-    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
 
 
 @pytest.fixture(scope="module")

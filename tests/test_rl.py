@@ -7,10 +7,9 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from conftest import compose_config, run_cli
-from test_bad_input import assert_clean_failure
+from conftest import assert_clean_failure, compose_config, run_cli
+from wandb_offline import find_runs, read_run
 
-from tests.wandb_offline import find_runs, read_run
 from trainer.envs import EnvSpec, SensorNoise, env_seeds
 from trainer.errors import UserError
 from trainer.models.rl import QNetwork
@@ -103,8 +102,11 @@ def test_done_when_command_writes_an_episodic_return(tmp_path, home, algo):
                    f"hydra.run.dir={run_dir}", home=home)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["val/return"]["mode"] == "max" and metrics["val/return"]["final"] >= 8  # CartPole's shortest
-    assert metrics["train/episodic_return"]["final"] > 0 and metrics["train/env_steps_per_sec"]["final"] > 0
+    final = {key: metrics[key]["final"] for key in metrics}
+    assert metrics["val/return"]["mode"] == "max"
+    # CartPole pays 1 per step: a return is its episode's length, in training and in evaluation.
+    assert final["val/return"] == final["val/episode_length"]
+    assert final["train/episodic_return"] == final["train/episodic_length"]
     run = read_run(find_runs(run_dir / "wandb")[0])
     video = run.summary["val/episode"]
     assert video["_type"] == "video-file" and run.file_path(video["path"]).stat().st_size > 1000

@@ -8,9 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
-from conftest import REPO, TINY_DCGAN, run_cli
+from conftest import REPO, TINY_DCGAN, last_step, run_cli
 from wandb_offline import find_runs, read_run
 
 SLOW_DCGAN = [
@@ -48,10 +47,6 @@ def wait_for_state(job: str, states: set[str], timeout: float) -> str:
         assert time.monotonic() < deadline, f"job {job} still {state} after {timeout} s"
         time.sleep(1)
     return state
-
-
-def last_step(run_dir: Path) -> int:
-    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
 
 
 def test_dry_run_of_two_nodes_writes_a_script_that_starts_a_ray_cluster(tmp_path: Path, home: Path) -> None:

@@ -9,9 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
-from conftest import REPO, TINY_DCGAN, cli_env, compose_config, run_cli
+from conftest import REPO, TINY_DCGAN, cli_env, compose_config, last_step, run_cli
 from omegaconf import OmegaConf
 from ray import tune
 from wandb_offline import find_runs, read_run
@@ -19,10 +18,6 @@ from wandb_offline import find_runs, read_run
 from trainer.errors import UserError
 from trainer.sweeps.summary import Trial, best_trial
 from trainer.sweeps.tune import search_space, tune_settings
-
-
-def last_step(run_dir: Path) -> int:
-    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
 
 
 def wandb_run(run_dir: Path):

@@ -81,15 +81,29 @@ def _tidy_logging() -> None:
     )
 
 
-def unknown_choice(args: list[str], conf: Path) -> str | None:
+def config_roots(args: list[str]) -> list[Path] | None:
+    """The folders configs compose from: the package's, and the `file://` folders of `hydra.searchpath`
+    (your own tasks' configs). None when the search path has other kinds (pkg://): Hydra checks those."""
+    roots = [Path(config_dir())]
+    for arg in args:
+        if arg.lstrip("+").startswith("hydra.searchpath="):
+            for entry in arg.split("=", 1)[1].strip("[]").split(","):
+                entry = entry.strip().strip("'\"")
+                if not entry.startswith("file://"):
+                    return None
+                roots.append(Path(entry.removeprefix("file://")))
+    return roots
+
+
+def unknown_choice(args: list[str], roots: list[Path]) -> str | None:
     """A `group=option` whose option does not exist, said in one line with the available ones."""
     for arg in args:
         match = re.fullmatch(r"\+{0,2}(\w+)=([\w.-]+)", arg)
-        if not match or match[1] == "hydra" or not (conf / match[1]).is_dir():
+        if not match or match[1] == "hydra" or not any((root / match[1]).is_dir() for root in roots):
             continue
         group, choice = match.groups()
-        if choice != "null" and not (conf / group / f"{choice}.yaml").is_file():
-            available = ", ".join(sorted(p.stem for p in (conf / group).glob("*.yaml")))
+        if choice != "null" and not any((root / group / f"{choice}.yaml").is_file() for root in roots):
+            available = ", ".join(sorted({p.stem for root in roots for p in (root / group).glob("*.yaml")}))
             usage = f"+{group}=NAME" if group == "exp" else f"{group}=NAME"
             return f"{group}={choice} is not an option; choose {usage} from: {available}"
     return None
@@ -115,7 +129,8 @@ def _fail(message: str, in_sweep: bool = False) -> None:
 
 
 def main() -> None:
-    if problem := unknown_choice(sys.argv[1:], Path(config_dir())):
+    roots = config_roots(sys.argv[1:])
+    if roots and (problem := unknown_choice(sys.argv[1:], roots)):
         _fail(problem)
     try:
         _hydra_main()

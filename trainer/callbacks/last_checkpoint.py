@@ -30,8 +30,9 @@ class LastCheckpoint(L.Callback):
         self._saved_at_step = -1
 
     def save(self, trainer: L.Trainer) -> bool:
-        """Writes last.ckpt unless this step is saved already; True if it wrote."""
-        if trainer.sanity_checking or trainer.global_step == self._saved_at_step:
+        """Writes last.ckpt unless this step is saved already or this is a fast dev run (which, as with
+        Lightning's own checkpoints, must not replace a real run's); True if it wrote."""
+        if trainer.sanity_checking or trainer.fast_dev_run or trainer.global_step == self._saved_at_step:
             return False
         path = self.dirpath / "last.ckpt"
         trainer.save_checkpoint(path, weights_only=False)  # the full state: optimizers, loops, RNG

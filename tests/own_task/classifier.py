@@ -1,0 +1,65 @@
+"""A task written outside the package: a small network that classifies scikit-learn's 8x8 digits.
+
+Everything `trainer` needs is here and in ./conf: a data module, a network, and a task that subclasses
+`trainer.tasks.base.Task` and reports its loss, which is what the divergence guard watches. Run it from this
+folder (the module must be importable; here, from the working directory):
+
+    python -m trainer hydra.searchpath=[file://$PWD/conf] +exp=digit_classifier
+"""
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from trainer.tasks.base import StepReport, Task
+
+
+class DigitVectors(L.LightningDataModule):
+    """The 1,797 digits as vectors of 64 grey levels in [0, 1], split once by `seed`."""
+
+    def __init__(self, batch_size: int = 64, val_fraction: float = 0.2, seed: int = 0):
+        super().__init__()
+        self.batch_size, self.val_fraction, self.seed = batch_size, val_fraction, seed
+
+    def setup(self, stage: str) -> None:
+        digits = load_digits()
+        inputs, labels = torch.tensor(digits.data / 16, dtype=torch.float32), torch.tensor(digits.target)
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.seed))
+        val, train = order[: int(self.val_fraction * len(order))], order[int(self.val_fraction * len(order)) :]
+        self.train_set = TensorDataset(inputs[train], labels[train])
+        self.val_set = TensorDataset(inputs[val], labels[val])
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, self.batch_size, shuffle=True, drop_last=True,
+                          generator=torch.Generator().manual_seed(self.seed))
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=len(self.val_set))
+
+
+class MLP(nn.Sequential):
+    def __init__(self, hidden: int = 64, classes: int = 10):
+        super().__init__(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+
+
+class DigitClassifier(Task):
+    def __init__(self, network: nn.Module, lr: float = 1e-3):
+        super().__init__()
+        self.save_hyperparameters(ignore=["network"])
+        self.network = network
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.network.parameters(), lr=self.hparams.lr)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        inputs, labels = batch
+        loss = F.cross_entropy(self.network(inputs), labels)
+        self.report(StepReport(losses={"loss": loss}))  # for the guard, and train/loss in the loggers
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        inputs, labels = batch
+        self.log("val/accuracy", (self.network(inputs).argmax(1) == labels).float().mean())
