@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO, cli_env, last_step, run_cli
+from conftest import REPO, assert_clean_failure, cli_env, last_step, run_cli
 from wandb_offline import find_runs, read_run
 
 OWN = REPO / "tests" / "own_task"
@@ -51,3 +51,8 @@ def test_an_own_task_halts_on_a_poisoned_batch_and_replays(tmp_path: Path, home:
     assert replayed.returncode == 0, replayed.stderr[-2000:]
     assert "reproduced" in replayed.stdout and "did not reproduce" not in replayed.stdout
     assert "first layer with a non-finite output: network.0" in replayed.stdout
+
+
+def test_a_misspelt_own_exp_is_one_line_that_lists_the_own_ones(home: Path) -> None:
+    result = run_cli(f"hydra.searchpath=[file://{OWN / 'conf'}]", "+exp=digit_clasifier", home=home, cwd=OWN)
+    assert_clean_failure(result, "exp=digit_clasifier is not an option", "dcgan", "digit_classifier")
