@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import lightning as L
 
@@ -27,29 +28,47 @@ STARTED = time.perf_counter()
 class ValidationClock(L.Callback):
     """(seconds since the start, epoch, AP50, AP) after each validation."""
 
-    rows: list[tuple[float, int, float, float]] = []
+    rows: ClassVar[list[tuple[float, int, float, float]]] = []
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
         metrics = trainer.callback_metrics
-        self.rows.append((time.perf_counter() - STARTED, trainer.current_epoch, float(metrics["val/AP50"]),
-                          float(metrics["val/AP"])))
-        print(f"{self.rows[-1][0]:7.1f} s  epoch {trainer.current_epoch:2d}  AP50 {self.rows[-1][2]:.3f}  "
-              f"AP {self.rows[-1][3]:.3f}", flush=True)
+        self.rows.append(
+            (
+                time.perf_counter() - STARTED,
+                trainer.current_epoch,
+                float(metrics["val/AP50"]),
+                float(metrics["val/AP"]),
+            )
+        )
+        print(
+            f"{self.rows[-1][0]:7.1f} s  epoch {trainer.current_epoch:2d}  AP50 {self.rows[-1][2]:.3f}  "
+            f"AP {self.rows[-1][3]:.3f}",
+            flush=True,
+        )
 
 
 def main() -> None:
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
-    cfg = compose_config("+exp=detector", "++trainer.enable_progress_bar=false", *sys.argv[1:],
-                         f"+callbacks.clock._target_={__name__}.ValidationClock", run_dir=Path(tempfile.mkdtemp()))
+    cfg = compose_config(
+        "+exp=detector",
+        "++trainer.enable_progress_bar=false",
+        *sys.argv[1:],
+        f"+callbacks.clock._target_={__name__}.ValidationClock",
+        run_dir=Path(tempfile.mkdtemp()),
+    )
     train(cfg)
     rows = ValidationClock.rows
     reached = next((row for row in rows if row[2] >= TARGET), None)
     best = max(rows, key=lambda row: row[2])
-    print(f"\nAP50 >= {TARGET}: " + (f"after {reached[0]:.0f} s (epoch {reached[1]})" if reached else "not reached")
-          + f"; best AP50 {best[2]:.3f} (AP {best[3]:.3f}) at {best[0]:.0f} s; total {time.perf_counter() - STARTED:.0f} s")
+    print(
+        f"\nAP50 >= {TARGET}: "
+        + (f"after {reached[0]:.0f} s (epoch {reached[1]})" if reached else "not reached")
+        + f"; best AP50 {best[2]:.3f} (AP {best[3]:.3f}) at {best[0]:.0f} s; "
+        f"total {time.perf_counter() - STARTED:.0f} s"
+    )
 
 
 if __name__ == "__main__":

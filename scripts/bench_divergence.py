@@ -1,7 +1,8 @@
 """Cost of divergence monitoring and the guard: `+exp=dcgan` with both at their defaults against both off.
 
-Monitoring = per-layer gradient norms, weight norms, update ratios (every 50 steps) and histograms (every 500);
-the guard = non-finite, spike and collapse checks on every step. Same process, alternating rounds, W&B offline.
+Monitoring = per-layer gradient norms, weight norms, update ratios (every 50 steps) and histograms (every
+500); the guard = non-finite, spike and collapse checks on every step. Same process, alternating rounds,
+W&B offline.
 
     python scripts/bench_divergence.py [--rounds 3] [--epochs 3]
 
@@ -13,7 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_overhead import bench_args, trainer_loop  # noqa: E402
+from bench_overhead import bench_args, trainer_loop
 
 SETUPS = {
     "monitoring and guard off": ["divergence=off", "~callbacks.gradients"],
@@ -29,7 +30,10 @@ def main() -> None:
             steps[name] += trainer_loop(args.epochs, *overrides)
     print(f"\n{'':38}{'median ms/step':>16}{'mean ms/step':>14}{'steps':>7}")
     for name, times in steps.items():
-        print(f"{name:38}{statistics.median(times) * 1e3:16.1f}{statistics.mean(times) * 1e3:14.1f}{len(times):7d}")
+        print(
+            f"{name:38}{statistics.median(times) * 1e3:16.1f}"
+            f"{statistics.mean(times) * 1e3:14.1f}{len(times):7d}"
+        )
     off, on = (statistics.median(times) for times in steps.values())
     print(f"overhead on / off (median): {on / off:.3f}   (target <= 1.03)")
 

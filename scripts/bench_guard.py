@@ -60,7 +60,11 @@ EXPS: dict[str, dict[str, Any]] = {
     "detector": {"metric": "val/AP50", "mode": "max", "overrides": []},
     "ppo": {"metric": "val/return", "mode": "max", "overrides": []},
     "dqn": {"metric": "val/return", "mode": "max", "overrides": []},
-    "qa": {"metric": "val/f1", "mode": "max", "overrides": ["++trainer.max_steps=200", "++trainer.val_check_interval=50"]},
+    "qa": {
+        "metric": "val/f1",
+        "mode": "max",
+        "overrides": ["++trainer.max_steps=200", "++trainer.val_check_interval=50"],
+    },
 }
 
 
@@ -75,24 +79,62 @@ class Case:
 # Runs that diverge by themselves on this machine (found by trying; no NaN came out of any: Adam's normalised
 # steps, BatchNorm/LayerNorm and losses on logits keep every failure finite here).
 ZOO = [
-    Case("dcgan-lr", "dcgan", "GAN learning rate 200x too high, beta1 0.9: the discriminator wins, the samples "
-         "collapse", ["task.lr=0.04", "task.beta1=0.9", "trainer.max_epochs=10"]),
-    Case("dcgan-strong-d", "dcgan", "discriminator 8x wider than the generator: it overpowers it from the start",
-         ["model.discriminator.width=64", "model.generator.width=8", "trainer.max_epochs=12"]),
-    Case("detector-lr", "detector", "detector warmed up into a learning rate 150x too high: one exploding step, "
-         "then a dead network", ["task.lr=0.3", "task.warmup_ratio=0.5", "trainer.max_epochs=3"]),
-    Case("ppo-lr", "ppo", "PPO at a learning rate 200x too high, not annealed: the policy turns deterministic",
-         ["task.lr=0.05", "task.anneal_lr=false", "task.total_env_steps=102400", "task.env_steps_per_epoch=5120"]),
-    Case("ppo-no-clip", "ppo", "PPO at a high learning rate without gradient clipping: one huge update kills the "
-         "policy", ["task.lr=0.05", "task.max_grad_norm=1e9", "task.anneal_lr=false", "task.total_env_steps=102400",
-                    "task.env_steps_per_epoch=5120"]),
-    Case("dqn-lr", "dqn", "DQN at a learning rate 2000x too high: the Q-values blow up",
-         ["task.lr=0.5", "task.total_env_steps=150000"]),
+    Case(
+        "dcgan-lr",
+        "dcgan",
+        "GAN learning rate 200x too high, beta1 0.9: the discriminator wins, the samples collapse",
+        ["task.lr=0.04", "task.beta1=0.9", "trainer.max_epochs=10"],
+    ),
+    Case(
+        "dcgan-strong-d",
+        "dcgan",
+        "discriminator 8x wider than the generator: it overpowers it from the start",
+        ["model.discriminator.width=64", "model.generator.width=8", "trainer.max_epochs=12"],
+    ),
+    Case(
+        "detector-lr",
+        "detector",
+        "detector warmed up into a learning rate 150x too high: one exploding step, then a dead network",
+        ["task.lr=0.3", "task.warmup_ratio=0.5", "trainer.max_epochs=3"],
+    ),
+    Case(
+        "ppo-lr",
+        "ppo",
+        "PPO at a learning rate 200x too high, not annealed: the policy turns deterministic",
+        [
+            "task.lr=0.05",
+            "task.anneal_lr=false",
+            "task.total_env_steps=102400",
+            "task.env_steps_per_epoch=5120",
+        ],
+    ),
+    Case(
+        "ppo-no-clip",
+        "ppo",
+        "PPO at a high learning rate without gradient clipping: one huge update kills the policy",
+        [
+            "task.lr=0.05",
+            "task.max_grad_norm=1e9",
+            "task.anneal_lr=false",
+            "task.total_env_steps=102400",
+            "task.env_steps_per_epoch=5120",
+        ],
+    ),
+    Case(
+        "dqn-lr",
+        "dqn",
+        "DQN at a learning rate 2000x too high: the Q-values blow up",
+        ["task.lr=0.5", "task.total_env_steps=150000"],
+    ),
 ]
 
 ACTIONS = {
     "skip": ["divergence.action=skip", "divergence.spike.action=skip", "divergence.collapse.action=skip"],
-    "rollback": ["divergence.action=rollback", "divergence.spike.action=rollback", "divergence.collapse.action=rollback"],
+    "rollback": [
+        "divergence.action=rollback",
+        "divergence.spike.action=rollback",
+        "divergence.collapse.action=rollback",
+    ],
     "clip": ["divergence.action=skip", "divergence.spike.action=clip", "divergence.collapse.action=warn"],
 }
 
@@ -116,11 +158,25 @@ def run(out: Path, name: str, exp: str, overrides: list[str], reuse: bool) -> Ru
     if not (reuse and done.is_file()):
         if run_dir.exists():
             shutil.rmtree(run_dir)
-        command = [sys.executable, "-m", "trainer", f"+exp={exp}", *QUIET, "divergence.record=true", *overrides,
-                   f"hydra.run.dir={run_dir}"]
+        command = [
+            sys.executable,
+            "-m",
+            "trainer",
+            f"+exp={exp}",
+            *QUIET,
+            "divergence.record=true",
+            *overrides,
+            f"hydra.run.dir={run_dir}",
+        ]
         started = time.perf_counter()
-        result = subprocess.run(command, check=False, cwd=REPO, capture_output=True, text=True,
-                                env={**os.environ, "PYTHONPATH": str(REPO)})
+        result = subprocess.run(
+            command,
+            check=False,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
         seconds = time.perf_counter() - started
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "console.txt").write_text(result.stdout + result.stderr)
@@ -129,9 +185,14 @@ def run(out: Path, name: str, exp: str, overrides: list[str], reuse: bool) -> Ru
     info = json.loads(done.read_text())
     events = run_dir / "divergence" / "events-rank0.jsonl"
     metrics = run_dir / "metrics.json"
-    return Run(name, info["exit_code"], info["seconds"], read_record(run_dir / "divergence" / "series.jsonl"),
-               [json.loads(line) for line in events.read_text().splitlines()] if events.is_file() else [],
-               json.loads(metrics.read_text()) if metrics.is_file() else {})
+    return Run(
+        name,
+        info["exit_code"],
+        info["seconds"],
+        read_record(run_dir / "divergence" / "series.jsonl"),
+        [json.loads(line) for line in events.read_text().splitlines()] if events.is_file() else [],
+        json.loads(metrics.read_text()) if metrics.is_file() else {},
+    )
 
 
 # -- the anchors, on recorded series ---------------------------------------------------------------------
@@ -153,8 +214,9 @@ def lightning_spike_detection(losses: list[float], batch_indices: list[int]) -> 
     return alarms
 
 
-def kill_loss_spike(losses: list[float], window: int = 100, multiplier: float = 2.0, patience: int = 4,
-                    loss_cap: float = 10.0) -> list[int]:
+def kill_loss_spike(
+    losses: list[float], window: int = 100, multiplier: float = 2.0, patience: int = 4, loss_cap: float = 10.0
+) -> list[int]:
     """LLM Foundry's `KillLossSpike` rule: with a full window of recent losses, a loss at least `multiplier`
     times their mean is an outlier, and more than `patience` outliers in a row are a spike; or, after two
     windows, half the window above `loss_cap` is a run of high losses."""
@@ -204,7 +266,8 @@ def metric_trajectory(run: Run, exp: str) -> list[tuple[int, float]]:
 
 
 def worse(value: float, than: float, mode: str) -> bool:
-    """Worse than half of `than` for a metric to maximise, than twice it for one to minimise (or not finite)."""
+    """Worse than half of `than` for a metric to maximise, than twice it for one to minimise (or not
+    finite)."""
     return not math.isfinite(value) or (value < 0.5 * than if mode == "max" else value > 2 * than)
 
 
@@ -213,8 +276,16 @@ def failure(run: Run, exp: str, healthy: list[Run]) -> tuple[str, int] | None:
     collapsed (fell to half its best so far, or rose to twice it for a metric to minimise) and the validation
     from which it stayed worse than half as good as the healthy runs at the same step (a run that never
     learned). None for a run that did not fail."""
-    broken = [step.step for step in run.record.steps
-              if not all(map(math.isfinite, [*step.values.values(), *sum(step.grad_norms.values(), [])]))]
+    broken = [
+        step.step
+        for step in run.record.steps
+        if not all(
+            map(
+                math.isfinite,
+                [*step.values.values(), *(norm for norms in step.grad_norms.values() for norm in norms)],
+            )
+        )
+    ]
     if broken:
         return "non-finite", min(broken)
     mode, trajectory = EXPS[exp]["mode"], metric_trajectory(run, exp)
@@ -227,7 +298,9 @@ def failure(run: Run, exp: str, healthy: list[Run]) -> tuple[str, int] | None:
     references = [metric_trajectory(h, exp) for h in healthy]
     behind = None
     for step, value in trajectory:
-        at_step = statistics.median(next((v for s, v in reversed(ref) if s <= step), ref[0][1]) for ref in references)
+        at_step = statistics.median(
+            next((v for s, v in reversed(ref) if s <= step), ref[0][1]) for ref in references
+        )
         behind = (behind if behind is not None else step) if worse(value, at_step, mode) else None
     if behind is not None:
         failures.append(("behind healthy runs", behind))
@@ -239,10 +312,16 @@ def anchor_alarms(run: Run) -> dict[str, list[int]]:
     steps = run.record.steps
     loss = [sum(step.values[name] for name in step.report.losses) for step in steps]
     networks = {network for step in steps for network in step.grad_norms}
-    zclip_steps = {norms[i][0] for norms in map(run.record.grad_norms, networks) for i in zclip([v for _, v in norms])}
-    return {"Lightning SpikeDetection": [steps[i].step for i in lightning_spike_detection(loss, [s.batch_idx for s in steps])],
-            "KillLossSpike": [steps[i].step for i in kill_loss_spike(loss)],
-            "ZClip": sorted(zclip_steps)}
+    zclip_steps = {
+        norms[i][0] for norms in map(run.record.grad_norms, networks) for i in zclip([v for _, v in norms])
+    }
+    return {
+        "Lightning SpikeDetection": [
+            steps[i].step for i in lightning_spike_detection(loss, [s.batch_idx for s in steps])
+        ],
+        "KillLossSpike": [steps[i].step for i in kill_loss_spike(loss)],
+        "ZClip": sorted(zclip_steps),
+    }
 
 
 # -- the tables ------------------------------------------------------------------------------------------
@@ -267,7 +346,9 @@ def closest_call(run: Run, exp: str) -> str:
             spike = watch.detector("spike", series)
             if spike.enabled and spike.warm and value > 0 and math.isfinite(value):
                 score, ratio, _ = spike.score(value)
-                if ratio > spike.min_ratio and score / spike.threshold > peaks["spike"][0] / max(peaks["spike"][1], 1e-9):
+                if ratio > spike.min_ratio and score / spike.threshold > peaks["spike"][0] / max(
+                    peaks["spike"][1], 1e-9
+                ):
                     peaks["spike"] = (score, spike.threshold, series)
             watch.update(series, value, loss)
             level = watch.detector("level", series)
@@ -275,15 +356,24 @@ def closest_call(run: Run, exp: str) -> str:
                 ratio = statistics.median(level.recent) / level.best
                 if ratio / level.ratio > peaks["level"][0] / max(peaks["level"][1], 1e-9):
                     peaks["level"] = (ratio, level.ratio, series)
-    return ", ".join(f"{kind} {value:.3g} of {limit:g} ({series})" for kind, (value, limit, series) in peaks.items()
-                     if series)
+    return ", ".join(
+        f"{kind} {value:.3g} of {limit:g} ({series})"
+        for kind, (value, limit, series) in peaks.items()
+        if series
+    )
 
 
 def healthy_table(healthy: dict[str, list[Run]]) -> tuple[list[str], dict[str, dict[str, int]]]:
     """One row per healthy run: the guard's reports, bundles and actions, how near it came to a report, and
     each anchor's alarms."""
-    rows = [("| run | wall s | final metric | reports | bundles | actions | closest call (score of threshold) | "
-             "Lightning SpikeDetection | KillLossSpike | ZClip |"), "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        (
+            "| run | wall s | final metric | reports | bundles | actions | "
+            "closest call (score of threshold) | "
+            "Lightning SpikeDetection | KillLossSpike | ZClip |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     false_alarms: dict[str, dict[str, int]] = {}
     for exp, runs in healthy.items():
         for seed, run in zip(SEEDS, runs):
@@ -291,9 +381,12 @@ def healthy_table(healthy: dict[str, list[Run]]) -> tuple[list[str], dict[str, d
             reports = [e for e in run.events if e["reported"]]
             actions = [e for e in run.events if e["action"] != "warn"]
             final = run.metrics.get(EXPS[exp]["metric"], {}).get("final", math.nan)
-            rows.append(f"| {exp} seed {seed} | {run.seconds:.0f} | {final:.4g} | {len(reports)} | "
-                        f"{sum('bundle' in e for e in reports)} | {len(actions)} | {closest_call(run, exp)} | "
-                        + " | ".join(str(len(a)) for a in anchors.values()) + " |")
+            rows.append(
+                f"| {exp} seed {seed} | {run.seconds:.0f} | {final:.4g} | {len(reports)} | "
+                f"{sum('bundle' in e for e in reports)} | {len(actions)} | {closest_call(run, exp)} | "
+                + " | ".join(str(len(a)) for a in anchors.values())
+                + " |"
+            )
             counts = false_alarms.setdefault(exp, {"guard": 0, **{name: 0 for name in anchors}})
             counts["guard"] += bool(reports)
             for name, alarms in anchors.items():
@@ -301,11 +394,14 @@ def healthy_table(healthy: dict[str, list[Run]]) -> tuple[list[str], dict[str, d
     return rows, false_alarms
 
 
-def zoo_table(zoo: list[tuple[Case, Run]], healthy: dict[str, list[Run]],
-              false_alarms: dict[str, dict[str, int]]) -> list[str]:
+def zoo_table(
+    zoo: list[tuple[Case, Run]], healthy: dict[str, list[Run]], false_alarms: dict[str, dict[str, int]]
+) -> list[str]:
     """One row per zoo case: its failure, and for each detector its first alarm's lead time before it."""
-    rows = ["| case | cause | failure | guard | Lightning SpikeDetection | KillLossSpike | ZClip |",
-            "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| case | cause | failure | guard | Lightning SpikeDetection | KillLossSpike | ZClip |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for case, run in zoo:
         failed = failure(run, case.exp, healthy[case.exp])
         limit = failed[1] if failed else None
@@ -326,20 +422,31 @@ def healthy_level(runs: list[Run], exp: str) -> float:
 
 def outcome(run: Run, exp: str, level: float) -> str:
     """How the run ended, and its final metric (a halted run: its best) as a fraction of the healthy runs'."""
-    fraction = (lambda metric: metric / level) if EXPS[exp]["mode"] == "max" else (lambda metric: level / metric)
+    fraction = (
+        (lambda metric: metric / level) if EXPS[exp]["mode"] == "max" else (lambda metric: level / metric)
+    )
     metric = run.metrics.get(EXPS[exp]["metric"], {}).get("final")
     if run.exit_code != 0 or metric is None or not math.isfinite(metric):
         halted = next((e for e in run.events if e["action"] == "halt"), None)
-        best = max((fraction(value) for _, value in metric_trajectory(run, exp) if math.isfinite(value)), default=0.0)
-        return (f"halted at step {halted['step']} (best {best:.2f})" if halted else f"failed (exit {run.exit_code})")
+        best = max(
+            (fraction(value) for _, value in metric_trajectory(run, exp) if math.isfinite(value)), default=0.0
+        )
+        return (
+            f"halted at step {halted['step']} (best {best:.2f})"
+            if halted
+            else f"failed (exit {run.exit_code})"
+        )
     return f"finished, {fraction(metric):.2f}"
 
 
 def actions_table(rows_in: list[tuple[Case, dict[str, Run]]], levels: dict[str, float]) -> list[str]:
     rows = ["| case | no action (warn) | " + " | ".join(ACTIONS) + " |", "|---|---|" + "---|" * len(ACTIONS)]
     for case, runs in rows_in:
-        rows.append(f"| {case.name} | " + " | ".join(outcome(runs[a], case.exp, levels[case.exp])
-                                                   for a in ["warn", *ACTIONS]) + " |")
+        rows.append(
+            f"| {case.name} | "
+            + " | ".join(outcome(runs[a], case.exp, levels[case.exp]) for a in ["warn", *ACTIONS])
+            + " |"
+        )
     return rows
 
 
@@ -351,8 +458,18 @@ def save_fixtures(out: Path, healthy: dict[str, list[Run]], zoo: list[tuple[Case
     for case, run in zoo:
         failed = failure(run, case.exp, healthy[case.exp])
         if failed is not None:
-            runs.append((run, {"exp": case.exp, "cause": case.cause, "overrides": case.overrides,
-                               "failure": failed[0], "failure_step": failed[1]}))
+            runs.append(
+                (
+                    run,
+                    {
+                        "exp": case.exp,
+                        "cause": case.cause,
+                        "overrides": case.overrides,
+                        "failure": failed[0],
+                        "failure_step": failed[1],
+                    },
+                )
+            )
     for run, facts in runs:
         with open(out / run.name / "divergence" / "series.jsonl", "rb") as source:
             (folder / f"{run.name}.jsonl.gz").write_bytes(gzip.compress(source.read(), mtime=0))
@@ -362,32 +479,69 @@ def save_fixtures(out: Path, healthy: dict[str, list[Run]], zoo: list[tuple[Case
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench_guard")
-    parser.add_argument("--parts", nargs="+", default=["healthy", "zoo", "actions"],
-                        choices=["healthy", "zoo", "actions"])
+    parser.add_argument(
+        "--parts", nargs="+", default=["healthy", "zoo", "actions"], choices=["healthy", "zoo", "actions"]
+    )
     parser.add_argument("--only", nargs="*", help="run only these exps / zoo cases")
-    parser.add_argument("--reuse", action="store_true", help="read finished runs in --out instead of training")
-    parser.add_argument("--fixtures", action="store_true", help="copy the recorded series to tests/data/guard")
+    parser.add_argument(
+        "--reuse", action="store_true", help="read finished runs in --out instead of training"
+    )
+    parser.add_argument(
+        "--fixtures", action="store_true", help="copy the recorded series to tests/data/guard"
+    )
     args = parser.parse_args()
-    wanted = lambda name: not args.only or name in args.only
 
-    healthy = {exp: [run(args.out, f"healthy-{exp}-s{seed}", exp, [f"seed={seed}", *spec["overrides"]], args.reuse)
-                     for seed in SEEDS]
-               for exp, spec in EXPS.items() if wanted(exp) or "healthy" not in args.parts and args.reuse}
+    def wanted(name):
+        return not args.only or name in args.only
+
+    healthy = {
+        exp: [
+            run(args.out, f"healthy-{exp}-s{seed}", exp, [f"seed={seed}", *spec["overrides"]], args.reuse)
+            for seed in SEEDS
+        ]
+        for exp, spec in EXPS.items()
+        if wanted(exp) or ("healthy" not in args.parts and args.reuse)
+    }
     levels = {exp: healthy_level(runs, exp) for exp, runs in healthy.items()}
     rows, false_alarms = healthy_table(healthy)
     tables = {"healthy": rows}
     cases = [case for case in ZOO if wanted(case.name) and case.exp in levels]
     zoo: list[tuple[Case, Run]] = []
     if "zoo" in args.parts or "actions" in args.parts:
-        zoo = [(case, run(args.out, f"zoo-{case.name}", case.exp,
-                          [*case.overrides, "divergence.action=warn", "divergence.nonfinite.action=halt"],
-                          args.reuse)) for case in cases]
+        zoo = [
+            (
+                case,
+                run(
+                    args.out,
+                    f"zoo-{case.name}",
+                    case.exp,
+                    [*case.overrides, "divergence.action=warn", "divergence.nonfinite.action=halt"],
+                    args.reuse,
+                ),
+            )
+            for case in cases
+        ]
         tables["zoo"] = zoo_table(zoo, healthy, false_alarms)
     if "actions" in args.parts:
-        acted = [(case, {"warn": zoo_run, **{action: run(args.out, f"zoo-{case.name}-{action}", case.exp,
-                                                          [*case.overrides, *ACTIONS[action]], args.reuse)
-                                             for action in ACTIONS}})
-                 for case, zoo_run in zoo]
+        acted = [
+            (
+                case,
+                {
+                    "warn": zoo_run,
+                    **{
+                        action: run(
+                            args.out,
+                            f"zoo-{case.name}-{action}",
+                            case.exp,
+                            [*case.overrides, *ACTIONS[action]],
+                            args.reuse,
+                        )
+                        for action in ACTIONS
+                    },
+                },
+            )
+            for case, zoo_run in zoo
+        ]
         tables["actions"] = actions_table(acted, levels)
     if args.fixtures:
         save_fixtures(args.out, healthy, zoo if "zoo" in args.parts else [])

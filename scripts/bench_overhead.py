@@ -11,6 +11,7 @@ Prints a table and the ratio median(trainer step) / median(plain step); target <
 """
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -20,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import lightning as L
 import torch
@@ -40,7 +42,7 @@ WARMUP = 5
 class StepTimer(L.Callback):
     """Wall time between consecutive batch starts: the step and everything the loop does around it."""
 
-    instances: list["StepTimer"] = []
+    instances: ClassVar[list["StepTimer"]] = []
 
     def __init__(self, print_first: bool = False, dump_to: str | None = None) -> None:
         self.starts: list[float] = []
@@ -89,22 +91,33 @@ def plain_loop(epochs: int) -> list[float]:
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             opt_g.step()
-    return [b - a for a, b in zip(starts, starts[1:])][WARMUP:]
+    return [b - a for a, b in itertools.pairwise(starts)][WARMUP:]
 
 
 def trainer_loop(epochs: int, *overrides: str) -> list[float]:
     run_dir = Path(tempfile.mkdtemp())
-    cfg = compose_config("+exp=dcgan", f"++trainer.max_epochs={epochs}", "++trainer.enable_progress_bar=false",
-                         "++trainer.limit_val_batches=0", f"+callbacks.timer._target_={__name__}.StepTimer",
-                         *overrides, run_dir=run_dir)
+    cfg = compose_config(
+        "+exp=dcgan",
+        f"++trainer.max_epochs={epochs}",
+        "++trainer.enable_progress_bar=false",
+        "++trainer.limit_val_batches=0",
+        f"+callbacks.timer._target_={__name__}.StepTimer",
+        *overrides,
+        run_dir=run_dir,
+    )
     train(cfg)
     return StepTimer.instances[-1].step_times()
 
 
 def time_to_first_step(command: list[str], **env: str) -> float:
     """Seconds from starting `command` to its first training step (a StepTimer with print_first=true)."""
-    env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'scripts'}", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
-           **env}
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{REPO}:{REPO / 'scripts'}",
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        **env,
+    }
     started = time.time()
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     stamps = re.findall(r"FIRST_STEP_AT ([0-9.]+)", done.stdout + done.stderr)
@@ -132,19 +145,34 @@ def main() -> None:
     p, t = statistics.median(plain), statistics.median(ours)
     print(f"\nmachine: {os.cpu_count()} CPUs, torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(f"{'':28}{'median ms/step':>16}{'mean ms/step':>14}{'steps':>7}")
-    print(f"{'hand-written PyTorch loop':28}{p * 1e3:16.1f}{statistics.mean(plain) * 1e3:14.1f}{len(plain):7d}")
+    print(
+        f"{'hand-written PyTorch loop':28}{p * 1e3:16.1f}{statistics.mean(plain) * 1e3:14.1f}{len(plain):7d}"
+    )
     print(f"{'trainer (+exp=dcgan, W&B)':28}{t * 1e3:16.1f}{statistics.mean(ours) * 1e3:14.1f}{len(ours):7d}")
-    print(f"ratio trainer / plain: median {t / p:.3f} (target <= 1.03), "
-          f"mean {statistics.mean(ours) / statistics.mean(plain):.3f} (with the once-per-epoch checkpoint and samples)")
+    print(
+        f"ratio trainer / plain: median {t / p:.3f} (target <= 1.03), "
+        f"mean {statistics.mean(ours) / statistics.mean(plain):.3f} "
+        "(with the once-per-epoch checkpoint and samples)"
+    )
 
-    first_trainer = time_to_first_step([sys.executable, "-m", "trainer", "+exp=dcgan", "++trainer.max_steps=2",
-                                        "++trainer.enable_progress_bar=false",
-                                        "+callbacks.timer._target_=bench_overhead.StepTimer",
-                                        "+callbacks.timer.print_first=true",
-                                        f"hydra.run.dir={tempfile.mkdtemp()}"])
+    first_trainer = time_to_first_step(
+        [
+            sys.executable,
+            "-m",
+            "trainer",
+            "+exp=dcgan",
+            "++trainer.max_steps=2",
+            "++trainer.enable_progress_bar=false",
+            "+callbacks.timer._target_=bench_overhead.StepTimer",
+            "+callbacks.timer.print_first=true",
+            f"hydra.run.dir={tempfile.mkdtemp()}",
+        ]
+    )
     first_plain = time_to_first_step([sys.executable, "-c", PLAIN_FIRST_STEP])
-    print(f"time from command to first training step: trainer {first_trainer:.1f} s; "
-          f"a bare script (import torch, load digits, build the networks) {first_plain:.1f} s")
+    print(
+        f"time from command to first training step: trainer {first_trainer:.1f} s; "
+        f"a bare script (import torch, load digits, build the networks) {first_plain:.1f} s"
+    )
 
 
 PLAIN_FIRST_STEP = """

@@ -27,11 +27,13 @@ import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_overhead import REPO, WARMUP, StepTimer, compose_config  # noqa: E402
+import itertools
 
-from trainer.config import build  # noqa: E402
-from trainer.models.qa import load_tokenizer, pretrained_qa_model  # noqa: E402
-from trainer.run import train  # noqa: E402
+from bench_overhead import REPO, WARMUP, StepTimer, compose_config
+
+from trainer.config import build
+from trainer.models.qa import load_tokenizer, pretrained_qa_model
+from trainer.run import train
 
 
 def plain_loop(steps: int) -> list[float]:
@@ -44,8 +46,13 @@ def plain_loop(steps: int) -> list[float]:
     model = pretrained_qa_model(cfg.model.encoder.pretrained)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.task.lr, weight_decay=cfg.task.weight_decay)
     schedule = get_linear_schedule_with_warmup(optimizer, steps // 10, steps)
-    loader = torch.utils.data.DataLoader(data.train_set, batch_size=cfg.data.batch_size, shuffle=True,
-                                         drop_last=True, collate_fn=DataCollatorWithPadding(load_tokenizer("minilm")))
+    loader = torch.utils.data.DataLoader(
+        data.train_set,
+        batch_size=cfg.data.batch_size,
+        shuffle=True,
+        drop_last=True,
+        collate_fn=DataCollatorWithPadding(load_tokenizer("minilm")),
+    )
     starts = []
     for batch, _ in zip(loader, range(steps)):
         starts.append(time.perf_counter())
@@ -55,13 +62,18 @@ def plain_loop(steps: int) -> list[float]:
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
     starts.append(time.perf_counter())
-    return [b - a for a, b in zip(starts, starts[1:])][WARMUP:]
+    return [b - a for a, b in itertools.pairwise(starts)][WARMUP:]
 
 
 def trainer_loop(steps: int) -> list[float]:
-    cfg = compose_config("+exp=qa", f"++trainer.max_steps={steps}", "++trainer.limit_val_batches=0",
-                         "++trainer.enable_progress_bar=false", f"+callbacks.timer._target_={__name__}.StepTimer",
-                         run_dir=Path(tempfile.mkdtemp()))
+    cfg = compose_config(
+        "+exp=qa",
+        f"++trainer.max_steps={steps}",
+        "++trainer.limit_val_batches=0",
+        "++trainer.enable_progress_bar=false",
+        f"+callbacks.timer._target_={__name__}.StepTimer",
+        run_dir=Path(tempfile.mkdtemp()),
+    )
     train(cfg)
     return StepTimer.instances[-1].step_times()
 
@@ -69,8 +81,20 @@ def trainer_loop(steps: int) -> list[float]:
 def accuracy_run() -> None:
     run_dir = Path(tempfile.mkdtemp()) / "qa"
     started = time.time()
-    done = subprocess.run([sys.executable, "-m", "trainer", "+exp=qa", "logger=csv", "++trainer.enable_progress_bar=false",
-                           f"hydra.run.dir={run_dir}"], cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainer",
+            "+exp=qa",
+            "logger=csv",
+            "++trainer.enable_progress_bar=false",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     wall = time.time() - started
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-3000:])
@@ -80,9 +104,11 @@ def accuracy_run() -> None:
     for row in rows:
         entry = dict(zip(header, row))
         if entry.get("val/f1"):
-            print(f"  epoch {entry['epoch']} step {entry['step']}: EM {float(entry['val/exact']):.1f}  "
-                  f"F1 {float(entry['val/f1']):.1f}  (answerable {float(entry['val/f1_has_answer']):.1f}, "
-                  f"unanswerable {float(entry['val/f1_no_answer']):.1f})")
+            print(
+                f"  epoch {entry['epoch']} step {entry['step']}: EM {float(entry['val/exact']):.1f}  "
+                f"F1 {float(entry['val/f1']):.1f}  (answerable {float(entry['val/f1_has_answer']):.1f}, "
+                f"unanswerable {float(entry['val/f1_no_answer']):.1f})"
+            )
     metrics = json.loads((run_dir / "metrics.json").read_text())
     print(f"  best val/f1 {metrics['val/f1']['best']:.1f} at step {metrics['val/f1']['best_step']}")
 
@@ -104,8 +130,10 @@ def main() -> None:
         ours += trainer_loop(args.steps)
     batch, steps = 16, args.steps
     p, t = statistics.median(plain), statistics.median(ours)
-    print(f"\nmachine: {torch.get_num_threads()} threads, torch {torch.__version__}; MiniLM-L6, batch {batch}, "
-          f"{steps} steps x {args.rounds} rounds")
+    print(
+        f"\nmachine: {torch.get_num_threads()} threads, torch {torch.__version__}; MiniLM-L6, batch {batch}, "
+        f"{steps} steps x {args.rounds} rounds"
+    )
     print(f"{'':34}{'median ms/step':>16}{'examples/s':>12}")
     print(f"{'plain transformers loop':34}{p * 1e3:16.1f}{batch / p:12.1f}")
     print(f"{'trainer (+exp=qa, W&B, guard)':34}{t * 1e3:16.1f}{batch / t:12.1f}")

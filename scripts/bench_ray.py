@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_overhead import bench_args, time_to_first_step  # noqa: E402
+from bench_overhead import bench_args, time_to_first_step
 
 LAUNCHERS = {
     "Lightning DDP, 2 processes": ["trainer=ddp_cpu"],
@@ -28,10 +28,18 @@ LAUNCHERS = {
 def run(launcher_args: list[str], epochs: int) -> tuple[list[float], float]:
     scratch = Path(tempfile.mkdtemp())
     command = [
-        sys.executable, "-m", "trainer", "+exp=dcgan", *launcher_args, f"++trainer.max_epochs={epochs}",
-        "++trainer.limit_val_batches=0", "++trainer.enable_progress_bar=false",
-        "+callbacks.timer._target_=bench_overhead.StepTimer", "+callbacks.timer.print_first=true",
-        f"+callbacks.timer.dump_to={scratch / 'steps.json'}", f"hydra.run.dir={scratch / 'run'}",
+        sys.executable,
+        "-m",
+        "trainer",
+        "+exp=dcgan",
+        *launcher_args,
+        f"++trainer.max_epochs={epochs}",
+        "++trainer.limit_val_batches=0",
+        "++trainer.enable_progress_bar=false",
+        "+callbacks.timer._target_=bench_overhead.StepTimer",
+        "+callbacks.timer.print_first=true",
+        f"+callbacks.timer.dump_to={scratch / 'steps.json'}",
+        f"hydra.run.dir={scratch / 'run'}",
     ]
     first_step = time_to_first_step(command, OMP_NUM_THREADS="1", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     return json.loads((scratch / "steps.json").read_text()), first_step
@@ -48,8 +56,10 @@ def main() -> None:
             firsts[name].append(first)
     print(f"{'':30}{'median ms/step':>16}{'mean ms/step':>14}{'steps':>7}{'first step s':>14}")
     for name in LAUNCHERS:
-        print(f"{name:30}{statistics.median(steps[name]) * 1e3:16.1f}{statistics.mean(steps[name]) * 1e3:14.1f}"
-              f"{len(steps[name]):7d}{statistics.median(firsts[name]):14.1f}")
+        print(
+            f"{name:30}{statistics.median(steps[name]) * 1e3:16.1f}{statistics.mean(steps[name]) * 1e3:14.1f}"
+            f"{len(steps[name]):7d}{statistics.median(firsts[name]):14.1f}"
+        )
     ddp, ray = (statistics.median(steps[name]) for name in LAUNCHERS)
     print(f"ratio Ray / DDP (median step): {ray / ddp:.3f}   (target <= 1.05)")
 

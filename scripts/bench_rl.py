@@ -29,16 +29,17 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_overhead import compose_config  # noqa: E402
+from bench_overhead import compose_config
 
-from trainer.run import train  # noqa: E402
+from trainer.run import train
 
 SOLVED = 475.0
 
 
 def make_envs(env_id: str, n: int) -> gym.vector.VectorEnv:
-    envs = gym.vector.SyncVectorEnv([lambda: gym.make(env_id) for _ in range(n)],
-                                    autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    envs = gym.vector.SyncVectorEnv(
+        [lambda: gym.make(env_id) for _ in range(n)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
+    )
     return gym.wrappers.vector.RecordEpisodeStatistics(envs)
 
 
@@ -68,10 +69,20 @@ def plain_ppo(t: dict, seed: int, log: list) -> float:
     rng = np.random.default_rng(seed)
     envs = make_envs(t["env_id"], t["num_envs"])
     n_obs, n_act = envs.single_observation_space.shape[0], envs.single_action_space.n
-    critic = nn.Sequential(layer_init(nn.Linear(n_obs, 64)), nn.Tanh(), layer_init(nn.Linear(64, 64)), nn.Tanh(),
-                           layer_init(nn.Linear(64, 1), std=1.0))
-    actor = nn.Sequential(layer_init(nn.Linear(n_obs, 64)), nn.Tanh(), layer_init(nn.Linear(64, 64)), nn.Tanh(),
-                          layer_init(nn.Linear(64, n_act), std=0.01))
+    critic = nn.Sequential(
+        layer_init(nn.Linear(n_obs, 64)),
+        nn.Tanh(),
+        layer_init(nn.Linear(64, 64)),
+        nn.Tanh(),
+        layer_init(nn.Linear(64, 1), std=1.0),
+    )
+    actor = nn.Sequential(
+        layer_init(nn.Linear(n_obs, 64)),
+        nn.Tanh(),
+        layer_init(nn.Linear(64, 64)),
+        nn.Tanh(),
+        layer_init(nn.Linear(64, n_act), std=0.01),
+    )
     params = [*critic.parameters(), *actor.parameters()]
     optimizer = torch.optim.Adam(params, lr=t["lr"], eps=1e-5)
     steps, n = t["num_steps"], t["num_envs"]
@@ -95,7 +106,10 @@ def plain_ppo(t: dict, seed: int, log: list) -> float:
             actions_buf[step], logprobs_buf[step] = action, dist.log_prob(action)
             next_obs, reward, terminations, truncations, _ = envs.step(action.numpy())
             rewards_buf[step] = torch.tensor(reward).view(-1)
-            next_obs, next_done = torch.Tensor(next_obs), torch.Tensor(np.logical_or(terminations, truncations))
+            next_obs, next_done = (
+                torch.Tensor(next_obs),
+                torch.Tensor(np.logical_or(terminations, truncations)),
+            )
         with torch.no_grad():
             next_value = critic(next_obs).reshape(1, -1)
             advantages, lastgaelam = torch.zeros_like(rewards_buf), 0
@@ -103,24 +117,38 @@ def plain_ppo(t: dict, seed: int, log: list) -> float:
                 nextnonterminal = 1.0 - (next_done if s == steps - 1 else dones_buf[s + 1])
                 nextvalues = next_value if s == steps - 1 else values_buf[s + 1]
                 delta = rewards_buf[s] + t["gamma"] * nextvalues * nextnonterminal - values_buf[s]
-                advantages[s] = lastgaelam = delta + t["gamma"] * t["gae_lambda"] * nextnonterminal * lastgaelam
+                advantages[s] = lastgaelam = (
+                    delta + t["gamma"] * t["gae_lambda"] * nextnonterminal * lastgaelam
+                )
             returns = advantages + values_buf
-        b_obs, b_logprobs, b_actions = obs_buf.reshape(-1, n_obs), logprobs_buf.reshape(-1), actions_buf.reshape(-1)
-        b_advantages, b_returns, b_values = advantages.reshape(-1), returns.reshape(-1), values_buf.reshape(-1)
+        b_obs, b_logprobs, b_actions = (
+            obs_buf.reshape(-1, n_obs),
+            logprobs_buf.reshape(-1),
+            actions_buf.reshape(-1),
+        )
+        b_advantages, b_returns, b_values = (
+            advantages.reshape(-1),
+            returns.reshape(-1),
+            values_buf.reshape(-1),
+        )
         b_inds = np.arange(batch)
         for _ in range(t["update_epochs"]):
             rng.shuffle(b_inds)
             for start in range(0, batch, minibatch):
-                mb = b_inds[start:start + minibatch]
+                mb = b_inds[start : start + minibatch]
                 dist = torch.distributions.Categorical(logits=actor(b_obs[mb]))
                 newlogprob, entropy = dist.log_prob(b_actions.long()[mb]), dist.entropy()
                 newvalue = critic(b_obs[mb]).view(-1)
                 ratio = (newlogprob - b_logprobs[mb]).exp()
                 mb_adv = b_advantages[mb]
                 mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
-                pg_loss = torch.max(-mb_adv * ratio, -mb_adv * torch.clamp(ratio, 1 - t["clip_coef"], 1 + t["clip_coef"])).mean()
+                pg_loss = torch.max(
+                    -mb_adv * ratio, -mb_adv * torch.clamp(ratio, 1 - t["clip_coef"], 1 + t["clip_coef"])
+                ).mean()
                 v_unclipped = (newvalue - b_returns[mb]) ** 2
-                v_clipped = b_values[mb] + torch.clamp(newvalue - b_values[mb], -t["clip_coef"], t["clip_coef"])
+                v_clipped = b_values[mb] + torch.clamp(
+                    newvalue - b_values[mb], -t["clip_coef"], t["clip_coef"]
+                )
                 v_loss = 0.5 * torch.max(v_unclipped, (v_clipped - b_returns[mb]) ** 2).mean()
                 loss = pg_loss - t["ent_coef"] * entropy.mean() + v_loss * t["vf_coef"]
                 optimizer.zero_grad()
@@ -143,7 +171,9 @@ def plain_dqn(t: dict, seed: int, log: list) -> float:
     envs.single_action_space.seed(seed)
 
     def q_net() -> nn.Module:
-        return nn.Sequential(nn.Linear(n_obs, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, n_act))
+        return nn.Sequential(
+            nn.Linear(n_obs, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, n_act)
+        )
 
     q_network, target_network = q_net(), q_net()
     target_network.load_state_dict(q_network.state_dict())
@@ -167,13 +197,22 @@ def plain_dqn(t: dict, seed: int, log: list) -> float:
         if terminations[0] or truncations[0]:
             real_next_obs[0] = infos["final_obs"][0]
         rb_obs[pos], rb_next[pos], rb_act[pos], rb_rew[pos], rb_done[pos] = (
-            obs[0], real_next_obs[0], actions[0], rewards[0], terminations[0])
+            obs[0],
+            real_next_obs[0],
+            actions[0],
+            rewards[0],
+            terminations[0],
+        )
         pos, full = (pos + 1) % size, full or pos + 1 == size
         obs = next_obs
         if global_step > t["learning_starts"] and global_step % t["train_frequency"] == 0:
             idx = rng.integers(0, size if full else pos, t["batch_size"])
             b_obs, b_next = torch.from_numpy(rb_obs[idx]), torch.from_numpy(rb_next[idx])
-            b_act, b_rew, b_done = torch.from_numpy(rb_act[idx]), torch.from_numpy(rb_rew[idx]), torch.from_numpy(rb_done[idx])
+            b_act, b_rew, b_done = (
+                torch.from_numpy(rb_act[idx]),
+                torch.from_numpy(rb_rew[idx]),
+                torch.from_numpy(rb_done[idx]),
+            )
             with torch.no_grad():
                 td_target = b_rew + t["gamma"] * target_network(b_next).max(dim=1).values * (1 - b_done)
             old_val = q_network(b_obs).gather(1, b_act[:, None]).squeeze()
@@ -213,9 +252,14 @@ class EvalClock(L.Callback):
 
 
 def trainer_run(algo: str, seed: int) -> tuple[float, list]:
-    cfg = compose_config(f"+exp={algo}", f"seed={seed}", "++trainer.enable_progress_bar=false",
-                         "++trainer.enable_model_summary=false", f"+callbacks.clock._target_={__name__}.EvalClock",
-                         run_dir=Path(tempfile.mkdtemp()))
+    cfg = compose_config(
+        f"+exp={algo}",
+        f"seed={seed}",
+        "++trainer.enable_progress_bar=false",
+        "++trainer.enable_model_summary=false",
+        f"+callbacks.clock._target_={__name__}.EvalClock",
+        run_dir=Path(tempfile.mkdtemp()),
+    )
     train(cfg)
     return EvalClock.last.train_time, EvalClock.last.evals
 
@@ -235,7 +279,11 @@ def main() -> None:
     rows = []
     for algo in args.algos:
         cfg = compose_config(f"+exp={algo}")
-        t = {**cfg.task, "env_id": cfg.env.id, "seeds": list(range(cfg.task.eval_seed, cfg.task.eval_seed + cfg.task.eval_episodes))}
+        t = {
+            **cfg.task,
+            "env_id": cfg.env.id,
+            "seeds": list(range(cfg.task.eval_seed, cfg.task.eval_seed + cfg.task.eval_episodes)),
+        }
         for seed in args.seeds:
             plain_log: list = []
             plain_time = (plain_ppo if algo == "ppo" else plain_dqn)(t, seed, plain_log)
@@ -244,8 +292,11 @@ def main() -> None:
                 solved, best = summarize(log)
                 env_steps, final = log[-1]
                 rows.append((algo, seed, side, solved, best, final, env_steps / seconds))
-                print(f"{algo} seed {seed} {side:8}: >= {SOLVED:.0f} at {solved} env steps, best {best:.1f}, "
-                      f"final {final:.1f}, {env_steps / seconds:.0f} env steps/s", flush=True)
+                print(
+                    f"{algo} seed {seed} {side:8}: >= {SOLVED:.0f} at {solved} env steps, best {best:.1f}, "
+                    f"final {final:.1f}, {env_steps / seconds:.0f} env steps/s",
+                    flush=True,
+                )
     print(f"\nmachine: {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"{'algo':6}{'side':9}{'solved (>= 475) in':>20}{'best':>8}{'env steps/s (median)':>22}")
     for algo in args.algos:
@@ -253,7 +304,10 @@ def main() -> None:
             mine = [r for r in rows if r[0] == algo and r[2] == side]
             solved = sum(r[3] is not None for r in mine)
             sps = statistics.median(r[6] for r in mine)
-            print(f"{algo:6}{side:9}{f'{solved}/{len(mine)} seeds':>20}{max(r[4] for r in mine):8.1f}{sps:22.0f}")
+            print(
+                f"{algo:6}{side:9}{f'{solved}/{len(mine)} seeds':>20}"
+                f"{max(r[4] for r in mine):8.1f}{sps:22.0f}"
+            )
         plain = statistics.median(r[6] for r in rows if r[0] == algo and r[2] == "plain")
         ours = statistics.median(r[6] for r in rows if r[0] == algo and r[2] == "trainer")
         print(f"{algo}: throughput ratio trainer / plain {ours / plain:.3f} (target >= 1.0)")

@@ -48,7 +48,9 @@ def cli_env(home: Path) -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str, home: Path, cwd: Path | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, home: Path, cwd: Path | None = None, timeout: float = 240
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "trainer", *args],
         cwd=cwd or REPO,
@@ -60,7 +62,8 @@ def run_cli(*args: str, home: Path, cwd: Path | None = None, timeout: float = 24
 
 
 def assert_clean_failure(result: subprocess.CompletedProcess, *fragments: str) -> str:
-    """The run failed as bad input must: non-zero exit, no traceback, one `error:` line holding `fragments`."""
+    """The run failed as bad input must: non-zero exit, no traceback, one `error:` line that holds
+    `fragments`."""
     output = result.stdout + result.stderr
     assert result.returncode != 0, output[-2000:]
     assert "Traceback" not in output, output[-3000:]

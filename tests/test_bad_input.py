@@ -39,15 +39,26 @@ def image_dir(tmp_path: Path, corrupt: bool) -> Path:
 
 CASES = {
     "unknown exp": (["+exp=gan9000"], ["exp=gan9000 is not an option", "+exp=NAME", "dcgan"]),
-    "unknown group option": (["+exp=dcgan", "logger=mlflow"], ["logger=mlflow", "csv, none, tensorboard, wandb"]),
-    "unknown key": (["+exp=dcgan", "++trainer.max_epocs=3"], ["trainer.max_epocs", "did you mean trainer.max_epochs"]),
+    "unknown group option": (
+        ["+exp=dcgan", "logger=mlflow"],
+        ["logger=mlflow", "csv, none, tensorboard, wandb"],
+    ),
+    "unknown key": (
+        ["+exp=dcgan", "++trainer.max_epocs=3"],
+        ["trainer.max_epocs", "did you mean trainer.max_epochs"],
+    ),
     "wrong type": (["+exp=dcgan", "++trainer.max_epochs=ten"], ["trainer.max_epochs='ten'", "expected int"]),
     "wrong type in the task": (["+exp=dcgan", "task.lr=fast"], ["task.lr='fast'", "expected float"]),
     "impossible image size": (["+exp=dcgan", "data.image_size=48"], ["image_size must be a power of two"]),
     "missing data.root": (["+exp=dcgan", "data=image_folder"], ["data.root"]),
-    "missing data dir": (["+exp=dcgan", "data=image_folder", "data.root=/no/such/dir"],
-                         ["data.root=/no/such/dir is not a directory"]),
-    "missing checkpoint": (["+exp=dcgan", "ckpt_path=/no/such.ckpt"], ["ckpt_path=/no/such.ckpt does not exist"]),
+    "missing data dir": (
+        ["+exp=dcgan", "data=image_folder", "data.root=/no/such/dir"],
+        ["data.root=/no/such/dir is not a directory"],
+    ),
+    "missing checkpoint": (
+        ["+exp=dcgan", "ckpt_path=/no/such.ckpt"],
+        ["ckpt_path=/no/such.ckpt does not exist"],
+    ),
 }
 
 
@@ -63,8 +74,14 @@ def test_bad_config_values(case: str, trained_run: Path, home: Path) -> None:
 @pytest.mark.parametrize("corrupt", [True, False])
 def test_image_folder(tmp_path: Path, home: Path, corrupt: bool) -> None:
     folder = image_dir(tmp_path, corrupt)
-    result = run_cli(*FAST, "data=image_folder", f"data.root={folder}", "data.batch_size=8",
-                     f"hydra.run.dir={tmp_path / 'run'}", home=home)
+    result = run_cli(
+        *FAST,
+        "data=image_folder",
+        f"data.root={folder}",
+        "data.batch_size=8",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        home=home,
+    )
     if corrupt:
         assert_clean_failure(result, "cannot read image", "broken.png", "remove or replace")
     else:

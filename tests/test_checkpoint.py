@@ -75,9 +75,13 @@ def test_a_truncated_checkpoint_is_reported(tmp_path: Path) -> None:
 
 def test_a_checkpoint_of_another_model_is_named_as_such(tmp_path: Path) -> None:
     path = tmp_path / "other.ckpt"
-    SafeCheckpointIO().save_checkpoint({"state_dict": {"a.weight": torch.ones(3, 3), "b": torch.ones(2)}}, path)
+    SafeCheckpointIO().save_checkpoint(
+        {"state_dict": {"a.weight": torch.ones(3, 3), "b": torch.ones(2)}}, path
+    )
     io = SafeCheckpointIO(expected_shapes={"a.weight": torch.Size([4, 3]), "c": torch.Size([1])})
-    with pytest.raises(UserError, match=r"of another model .*missing.*unknown.*a.weight: \(3, 3\) vs \(4, 3\)"):
+    with pytest.raises(
+        UserError, match=r"of another model .*missing.*unknown.*a.weight: \(3, 3\) vs \(4, 3\)"
+    ):
         io.load_checkpoint(path)
 
 

@@ -10,8 +10,12 @@ from wandb_offline import find_runs, read_run
 
 def test_dcgan_trains_logs_to_wandb_and_resumes_into_the_same_run(tmp_path: Path, home: Path) -> None:
     run_dir = tmp_path / "run"
-    args = [*TINY_DCGAN, f"hydra.run.dir={run_dir}", "callbacks.gradients.log_every_n_steps=2",
-            "callbacks.gradients.histogram_every_n_steps=4"]
+    args = [
+        *TINY_DCGAN,
+        f"hydra.run.dir={run_dir}",
+        "callbacks.gradients.log_every_n_steps=2",
+        "callbacks.gradients.histogram_every_n_steps=4",
+    ]
     first = run_cli(*args, "++trainer.max_epochs=1", home=home)
     assert first.returncode == 0, first.stderr[-3000:]
 
@@ -32,13 +36,19 @@ def test_dcgan_trains_logs_to_wandb_and_resumes_into_the_same_run(tmp_path: Path
     for key in ("train/loss_d", "train/loss_g", "train/D_x", "train/D_G_z", "val/pixel_fd"):
         assert key in keys
     # Per-layer gradient norms and histograms, per network.
-    assert {"grad_norm/generator/net.0", "grad_norm/generator/total", "grad_norm/discriminator/total"} <= set(keys)
+    assert {"grad_norm/generator/net.0", "grad_norm/generator/total", "grad_norm/discriminator/total"} <= set(
+        keys
+    )
     assert any(k.startswith("grad_hist/generator/") for k in keys)
     assert any(k.startswith("grad_hist/discriminator/") for k in keys)
     norms = [v for _, v in run.series("grad_norm/generator/total")]
     assert norms and all(v > 0 for v in norms)
     # Weight norms and update-to-weight ratios per layer and network, from the same logging steps.
-    assert {"param_norm/discriminator/net.0", "update_ratio/generator/net.0", "update_ratio/discriminator/total"} <= set(keys)
+    assert {
+        "param_norm/discriminator/net.0",
+        "update_ratio/generator/net.0",
+        "update_ratio/discriminator/total",
+    } <= set(keys)
     ratios = [v for _, v in run.series("update_ratio/generator/total")]
     assert ratios and all(0 < v < 1 for v in ratios)  # Adam at 2e-4 moves weights by a small fraction
     # The sample grid, the config with the git commit, the checkpoint artifact.
@@ -64,7 +74,9 @@ def test_two_process_ddp_makes_one_wandb_run_and_distinct_rank_streams(tmp_path:
     import torch
 
     run_dir = tmp_path / "run"
-    result = run_cli(*TINY_DCGAN, "trainer=ddp_cpu", "++trainer.max_epochs=1", f"hydra.run.dir={run_dir}", home=home)
+    result = run_cli(
+        *TINY_DCGAN, "trainer=ddp_cpu", "++trainer.max_epochs=1", f"hydra.run.dir={run_dir}", home=home
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(find_runs(run_dir / "wandb")) == 1  # only rank 0 creates a W&B run
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)

@@ -29,7 +29,11 @@ def test_every_exp_composes_and_resolves(exp: str, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "group,option",
-    [(g, o) for g in ("trainer", "logger", "callbacks", "debug", "launcher", "data", "env") for o in options(g)],
+    [
+        (g, o)
+        for g in ("trainer", "logger", "callbacks", "debug", "launcher", "data", "env")
+        for o in options(g)
+    ],
 )
 def test_every_group_option_composes(group: str, option: str, tmp_path: Path) -> None:
     # data and env options belong to a task family
@@ -58,7 +62,11 @@ def test_gpu_preset_turns_on_the_fast_paths(tmp_path: Path) -> None:
 def test_help_lists_groups_and_options(home: Path) -> None:
     result = run_cli("--help", home=home)
     assert result.returncode == 0
-    for line in ("exp: dcgan", "logger: csv, none, tensorboard, wandb", "trainer: cpu, ddp, ddp_cpu, default, gpu"):
+    for line in (
+        "exp: dcgan",
+        "logger: csv, none, tensorboard, wandb",
+        "trainer: cpu, ddp, ddp_cpu, default, gpu",
+    ):
         assert line in result.stdout
 
 
@@ -75,7 +83,10 @@ def test_unknown_key_is_refused_with_a_suggestion(tmp_path: Path) -> None:
     [
         ("++trainer.max_epochs=ten", r"trainer.max_epochs='ten' has the wrong type: expected int or null"),
         ("++trainer.precision=17", r"trainer.precision=17 has the wrong type"),
-        ("++trainer.enable_progress_bar=maybe", r"enable_progress_bar='maybe' has the wrong type: expected bool"),
+        (
+            "++trainer.enable_progress_bar=maybe",
+            r"enable_progress_bar='maybe' has the wrong type: expected bool",
+        ),
     ],
 )
 def test_wrong_types_are_refused(override: str, message: str, tmp_path: Path) -> None:
@@ -93,7 +104,9 @@ def test_wheel_carries_the_configs_and_runs_from_any_directory(tmp_path: Path, h
 
     from hatchling.builders.wheel import WheelBuilder
 
-    wheel = Path(next(iter(WheelBuilder(str(REPO)).build(directory=str(tmp_path / "dist"), versions=["standard"]))))
+    wheel = Path(
+        next(iter(WheelBuilder(str(REPO)).build(directory=str(tmp_path / "dist"), versions=["standard"])))
+    )
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
         assert {"trainer/conf/config.yaml", "trainer/conf/exp/dcgan.yaml", "trainer/run.py"} <= names
@@ -101,7 +114,11 @@ def test_wheel_carries_the_configs_and_runs_from_any_directory(tmp_path: Path, h
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site"), "HOME": str(home)}
     result = subprocess.run(
         [sys.executable, "-m", "trainer", "+exp=dcgan", "--cfg", "job"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert "name: dcgan" in result.stdout

@@ -1,4 +1,5 @@
-"""Detection building blocks: box operations, focal loss and COCO AP, each against values worked out by hand."""
+"""Detection building blocks: box operations, focal loss and COCO AP, each against values worked out by
+hand; then the detector end to end."""
 
 import json
 import math
@@ -26,9 +27,13 @@ from trainer.run import train
 
 def test_iou_and_giou_by_hand():
     a = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
-    b = torch.tensor([[5.0, 0.0, 15.0, 10.0],     # half overlapping: 50 / 150
-                      [20.0, 0.0, 30.0, 10.0],    # disjoint, 10 apart: enclosing 300, union 200
-                      [0.0, 0.0, 10.0, 10.0]])    # the same box
+    b = torch.tensor(
+        [
+            [5.0, 0.0, 15.0, 10.0],  # half overlapping: 50 / 150
+            [20.0, 0.0, 30.0, 10.0],  # disjoint, 10 apart: enclosing 300, union 200
+            [0.0, 0.0, 10.0, 10.0],
+        ]
+    )  # the same box
     assert torch.allclose(box_iou(a, b), torch.tensor([[1 / 3, 0.0, 1.0]]))
     assert torch.allclose(generalized_box_iou(a, b), torch.tensor([[1 / 3, -1 / 3, 1.0]]))
 
@@ -52,10 +57,15 @@ def test_focal_loss_by_hand():
 
 def ground_truth(*boxes_per_image: list[tuple[int, list[float]]]) -> dict:
     """COCO ground truth: per image a list of (category id, xywh box)."""
-    return {"images": [{"id": i + 1, "width": 100, "height": 100} for i in range(len(boxes_per_image))],
-            "annotations": [{"image_id": i + 1, "category_id": c, "bbox": box}
-                            for i, boxes in enumerate(boxes_per_image) for c, box in boxes],
-            "categories": [{"id": 1, "name": "one"}, {"id": 2, "name": "two"}]}
+    return {
+        "images": [{"id": i + 1, "width": 100, "height": 100} for i in range(len(boxes_per_image))],
+        "annotations": [
+            {"image_id": i + 1, "category_id": c, "bbox": box}
+            for i, boxes in enumerate(boxes_per_image)
+            for c, box in boxes
+        ],
+        "categories": [{"id": 1, "name": "one"}, {"id": 2, "name": "two"}],
+    }
 
 
 def detection(image_id: int, category_id: int, bbox: list[float], score: float) -> dict:
@@ -73,12 +83,16 @@ def test_coco_ap_matches_hand_made_cases():
     assert (loose.ap50, loose.ap75, loose.ap) == pytest.approx((1.0, 0.0, 0.3))
 
     # A false positive ranked above the one true positive: precision 1/2 at every recall level.
-    ranked = coco_ap(ground_truth([(1, [0, 0, 10, 10])]),
-                     [detection(1, 1, [50, 50, 10, 10], 0.9), detection(1, 1, [0, 0, 10, 10], 0.8)])
+    ranked = coco_ap(
+        ground_truth([(1, [0, 0, 10, 10])]),
+        [detection(1, 1, [50, 50, 10, 10], 0.9), detection(1, 1, [0, 0, 10, 10], 0.8)],
+    )
     assert ranked.ap50 == pytest.approx(0.5)
 
     # One of two objects found: precision 1 up to recall 0.5, i.e. 51 of COCO's 101 recall points.
-    half = coco_ap(ground_truth([(1, [0, 0, 10, 10]), (1, [50, 50, 10, 10])]), [detection(1, 1, [0, 0, 10, 10], 0.9)])
+    half = coco_ap(
+        ground_truth([(1, [0, 0, 10, 10]), (1, [50, 50, 10, 10])]), [detection(1, 1, [0, 0, 10, 10], 0.9)]
+    )
     assert half.ap50 == pytest.approx(51 / 101)
 
     # Per class: "one" found, "two" missed; a class without ground truth is NaN, not 0.
@@ -87,18 +101,26 @@ def test_coco_ap_matches_hand_made_cases():
     assert split.per_class50 == pytest.approx({"one": 1.0, "two": 0.0})
     # Nothing to find at all: AP is undefined (NaN), found something or not, as for a class without boxes.
     empty = ground_truth([], [])
-    assert all(math.isnan(scores.ap) and math.isnan(scores.ap50) for scores in
-               (coco_ap(empty, []), coco_ap(empty, [detection(1, 1, [0, 0, 10, 10], 0.9)])))
+    assert all(
+        math.isnan(scores.ap) and math.isnan(scores.ap50)
+        for scores in (coco_ap(empty, []), coco_ap(empty, [detection(1, 1, [0, 0, 10, 10], 0.9)]))
+    )
     absent = coco_ap(ground_truth([(1, [0, 0, 10, 10])]), [detection(1, 1, [0, 0, 10, 10], 0.9)])
     assert absent.per_class["one"] == pytest.approx(1.0) and math.isnan(absent.per_class["two"])
     assert coco_ap(gt, []).ap50 == 0.0
 
 
 def test_predictions_convert_from_xyxy_labels_to_coco_entries():
-    predictions = [{"boxes": torch.tensor([[10.0, 20.0, 30.0, 60.0]]), "labels": torch.tensor([1]),
-                    "scores": torch.tensor([0.5])}]
+    predictions = [
+        {
+            "boxes": torch.tensor([[10.0, 20.0, 30.0, 60.0]]),
+            "labels": torch.tensor([1]),
+            "scores": torch.tensor([0.5]),
+        }
+    ]
     assert detections_to_coco([7], predictions, label_to_category=[3, 9]) == [
-        {"image_id": 7, "category_id": 9, "bbox": [10.0, 20.0, 20.0, 40.0], "score": 0.5}]
+        {"image_id": 7, "category_id": 9, "bbox": [10.0, 20.0, 20.0, 40.0], "score": 0.5}
+    ]
     # The caller's boxes stay xyxy: the detector draws them on its W&B overlays afterwards.
     assert predictions[0]["boxes"].tolist() == [[10.0, 20.0, 30.0, 60.0]]
 
@@ -106,18 +128,25 @@ def test_predictions_convert_from_xyxy_labels_to_coco_entries():
 def test_digit_canvases_are_a_coco_data_set_with_exact_boxes(tmp_path):
     root = write_digit_canvases(tmp_path, train_images=40, val_images=10, seed=3)
     first = (root / "annotations" / "train.json").read_text()
-    assert write_digit_canvases(tmp_path, train_images=40, val_images=10, seed=3) == root  # reused, not redrawn
+    assert (
+        write_digit_canvases(tmp_path, train_images=40, val_images=10, seed=3) == root
+    )  # reused, not redrawn
     assert (root / "annotations" / "train.json").read_text() == first
     data = CocoDetection(root / "annotations" / "train.json", root / "train")
     assert len(data) == 40 and data.class_names == [str(d) for d in range(10)]
     empty = 0
     for image, target in data:
-        assert image.shape == (3, 96, 96) and 0 <= image.min() and image.max() <= 1
+        assert image.shape == (3, 96, 96) and image.min() >= 0 and image.max() <= 1
         empty += len(target["boxes"]) == 0
         for x1, y1, x2, y2 in target["boxes"].round().long().tolist():
             ink = image[0, y1:y2, x1:x2] * 255
             # Tight: ink touches every side of the box.
-            assert ink[0].max() >= INK and ink[-1].max() >= INK and ink[:, 0].max() >= INK and ink[:, -1].max() >= INK
+            assert (
+                ink[0].max() >= INK
+                and ink[-1].max() >= INK
+                and ink[:, 0].max() >= INK
+                and ink[:, -1].max() >= INK
+            )
     assert 0 < empty < 40 and 0 <= int(torch.cat([t["labels"] for _, t in data]).max()) <= 9
 
 
@@ -126,9 +155,11 @@ def one_box_data(tmp_path, **kwargs) -> CocoDetection:
     pixels = np.zeros((20, 40, 3), np.uint8)
     pixels[3:7, 2:8] = 255
     Image.fromarray(pixels).save(tmp_path / "a.png")
-    coco = {"images": [{"id": 1, "file_name": "a.png", "width": 40, "height": 20}],
-            "annotations": [{"id": 1, "image_id": 1, "category_id": 5, "bbox": [2, 3, 6, 4]}],
-            "categories": [{"id": 5, "name": "five"}]}
+    coco = {
+        "images": [{"id": 1, "file_name": "a.png", "width": 40, "height": 20}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 5, "bbox": [2, 3, 6, 4]}],
+        "categories": [{"id": 5, "name": "five"}],
+    }
     (tmp_path / "a.json").write_text(json.dumps(coco))
     return CocoDetection(tmp_path / "a.json", tmp_path, **kwargs)
 
@@ -150,18 +181,33 @@ def test_flips_and_resizes_keep_boxes_on_their_objects(tmp_path):
     assert [i.shape[-1] for i in images] == [80, 40] and len(targets) == 2
 
 
-@pytest.mark.parametrize("break_it, message", [
-    (lambda coco, d: "{not json", "is not valid JSON"),
-    (lambda coco, d: json.dumps({"images": []}), "lacks the COCO list(s) annotations, categories"),
-    (lambda coco, d: json.dumps({**coco, "annotations": [{**coco["annotations"][0], "bbox": [30, 3, 20, 4]}]}),
-     "annotation id 1 (image a.png) has bbox [30, 3, 20, 4] outside its 40x20 image"),
-    (lambda coco, d: json.dumps({**coco, "annotations": [{**coco["annotations"][0], "category_id": 7}]}),
-     "annotation id 1 has category_id 7, which is not among the categories ([5])"),
-    (lambda coco, d: json.dumps({**coco, "images": [{**coco["images"][0], "file_name": "gone.png"}]}),
-     "image id 1 names gone.png, which is not in"),
-    (lambda coco, d: json.dumps({**coco, "annotations": [{**coco["annotations"][0], "image_id": 9}]}),
-     "annotation id 1 refers to image_id 9, which is not among the images"),
-])
+@pytest.mark.parametrize(
+    "break_it, message",
+    [
+        (lambda coco, d: "{not json", "is not valid JSON"),
+        (lambda coco, d: json.dumps({"images": []}), "lacks the COCO list(s) annotations, categories"),
+        (
+            lambda coco, d: json.dumps(
+                {**coco, "annotations": [{**coco["annotations"][0], "bbox": [30, 3, 20, 4]}]}
+            ),
+            "annotation id 1 (image a.png) has bbox [30, 3, 20, 4] outside its 40x20 image",
+        ),
+        (
+            lambda coco, d: json.dumps(
+                {**coco, "annotations": [{**coco["annotations"][0], "category_id": 7}]}
+            ),
+            "annotation id 1 has category_id 7, which is not among the categories ([5])",
+        ),
+        (
+            lambda coco, d: json.dumps({**coco, "images": [{**coco["images"][0], "file_name": "gone.png"}]}),
+            "image id 1 names gone.png, which is not in",
+        ),
+        (
+            lambda coco, d: json.dumps({**coco, "annotations": [{**coco["annotations"][0], "image_id": 9}]}),
+            "annotation id 1 refers to image_id 9, which is not among the images",
+        ),
+    ],
+)
 def test_bad_coco_input_is_one_clear_line(tmp_path, break_it, message):
     one_box_data(tmp_path)
     coco = json.loads((tmp_path / "a.json").read_text())
@@ -219,10 +265,17 @@ def pycocotools_summary(run_dir: Path) -> list[float]:
     with torch.no_grad():
         for image, target in data.val_set:
             (found,) = model.eval()([image])
-            for (x1, y1, x2, y2), label, score in zip(found["boxes"].tolist(), found["labels"].tolist(),
-                                                      found["scores"].tolist()):
-                results.append({"image_id": int(target["image_id"]), "bbox": [x1, y1, x2 - x1, y2 - y1],
-                                "category_id": data.val_set.category_ids[label], "score": score})
+            for (x1, y1, x2, y2), label, score in zip(
+                found["boxes"].tolist(), found["labels"].tolist(), found["scores"].tolist()
+            ):
+                results.append(
+                    {
+                        "image_id": int(target["image_id"]),
+                        "bbox": [x1, y1, x2 - x1, y2 - y1],
+                        "category_id": data.val_set.category_ids[label],
+                        "score": score,
+                    }
+                )
     gt = COCO(str(data.val_set.annotation_file))
     evaluation = COCOeval(gt, gt.loadRes(results), iouType="bbox")
     evaluation.evaluate()
@@ -235,21 +288,32 @@ def pycocotools_summary(run_dir: Path) -> list[float]:
 def test_done_when_command_writes_ap_to_metrics_json(tmp_path, home):
     run_dir = tmp_path / "run"
     # 40 steps: AP well above 0 (0.14 with seed 0), so the comparison with pycocotools below means something.
-    done = run_cli("+exp=detector", "++trainer.max_epochs=1", "++trainer.limit_train_batches=40",
-                   "++trainer.limit_val_batches=2", *SMALL_CANVASES, "data.canvases.train_images=640",
-                   f"hydra.run.dir={run_dir}", home=home)
+    done = run_cli(
+        "+exp=detector",
+        "++trainer.max_epochs=1",
+        "++trainer.limit_train_batches=40",
+        "++trainer.limit_val_batches=2",
+        *SMALL_CANVASES,
+        "data.canvases.train_images=640",
+        f"hydra.run.dir={run_dir}",
+        home=home,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     reference = pycocotools_summary(run_dir)  # the last checkpoint scored by pycocotools itself
     for key, value in zip(("val/AP", "val/AP50", "val/AP75"), reference):
-        assert metrics[key]["mode"] == "max" and metrics[key]["final"] == pytest.approx(value, rel=1e-6), key  # float32 logs
+        assert metrics[key]["mode"] == "max" and metrics[key]["final"] == pytest.approx(value, rel=1e-6), (
+            key
+        )  # float32 logs
     assert metrics["val/AP50"]["final"] > 0.05
     # W&B: validation images with predicted and true boxes, and the per-class AP table.
     run = read_run(find_runs(run_dir / "wandb")[0])
     overlays, table = run.summary["val/boxes"], run.summary["val/per_class_AP"]
     assert overlays["_type"] == "images/separated" and overlays["count"] == 8
-    truths = [json.loads(run.file_path(image["ground_truth"]["path"]).read_text())["box_data"]
-              for image in overlays["all_boxes"]]
+    truths = [
+        json.loads(run.file_path(image["ground_truth"]["path"]).read_text())["box_data"]
+        for image in overlays["all_boxes"]
+    ]
     assert sum(map(len, truths)) > 0  # (some canvases are empty)
     assert all({"position", "class_id"} <= box.keys() for boxes in truths for box in boxes)
     assert table["_type"] == "table-file" and (table["nrows"], table["ncols"]) == (10, 3)
@@ -258,25 +322,42 @@ def test_done_when_command_writes_ap_to_metrics_json(tmp_path, home):
 @pytest.mark.slow
 def test_a_malformed_coco_file_fails_the_run_in_one_line(tmp_path, home):
     (tmp_path / "bad.json").write_text('{"images": [')
-    paths = [f"data.{split}_{kind}={tmp_path / ('bad.json' if kind == 'annotations' else '')}"
-             for split in ("train", "val") for kind in ("annotations", "images")]
+    paths = [
+        f"data.{split}_{kind}={tmp_path / ('bad.json' if kind == 'annotations' else '')}"
+        for split in ("train", "val")
+        for kind in ("annotations", "images")
+    ]
     done = run_cli("+exp=detector", *paths, f"hydra.run.dir={tmp_path / 'run'}", home=home)
     assert_clean_failure(done, "bad.json is not valid JSON")
 
 
 def test_a_model_sized_for_other_classes_is_refused(tmp_path):
-    cfg = compose_config("+exp=detector", "model.detector.num_classes=3", *SMALL_CANVASES,
-                         f"data.cache_dir={tmp_path}", "logger=none", run_dir=tmp_path / "run")
-    with pytest.raises(UserError, match="model.detector.num_classes=3, but the data has 10 categories"):
+    cfg = compose_config(
+        "+exp=detector",
+        "model.detector.num_classes=3",
+        *SMALL_CANVASES,
+        f"data.cache_dir={tmp_path}",
+        "logger=none",
+        run_dir=tmp_path / "run",
+    )
+    with pytest.raises(UserError, match=r"model\.detector\.num_classes=3, but the data has 10 categories"):
         train(cfg)
 
 
 def test_a_poisoned_detector_batch_halts_and_replays(tmp_path):
     # A bundle of a detector step holds a batch of image lists and target dicts; replay re-runs it alone.
     run_dir = tmp_path / "run"
-    cfg = compose_config("+exp=detector", *SMALL_CANVASES, f"data.cache_dir={tmp_path}", "logger=none",
-                         "++trainer.limit_train_batches=4", "++trainer.max_epochs=1", "divergence.inject.step=2",
-                         "divergence.action=halt", run_dir=run_dir)
+    cfg = compose_config(
+        "+exp=detector",
+        *SMALL_CANVASES,
+        f"data.cache_dir={tmp_path}",
+        "logger=none",
+        "++trainer.limit_train_batches=4",
+        "++trainer.max_epochs=1",
+        "divergence.inject.step=2",
+        "divergence.action=halt",
+        run_dir=run_dir,
+    )
     with pytest.raises(UserError, match="divergence at step 2"):
         train(cfg)
     reproduced, probe, _ = replay(str(run_dir / "divergence" / "step000002-nonfinite"))

@@ -1,4 +1,5 @@
-"""Divergence forensics: detection at the right step, the bundle, replay, the actions, DDP agreement, tools."""
+"""Divergence forensics: detection at the right step, the bundle, replay, the actions, DDP agreement,
+tools."""
 
 import json
 import math
@@ -27,8 +28,15 @@ FAST = [*TINY_DCGAN, "logger=none", "++trainer.max_epochs=1", "++trainer.limit_t
 
 def test_a_poisoned_batch_halts_at_its_step_and_replays_anywhere(tmp_path: Path, home: Path) -> None:
     run_dir = tmp_path / "run"
-    result = run_cli(*TINY_DCGAN, "divergence.inject.step=3", "divergence.action=halt", "++trainer.max_epochs=1",
-                     "++trainer.limit_train_batches=8", f"hydra.run.dir={run_dir}", home=home)
+    result = run_cli(
+        *TINY_DCGAN,
+        "divergence.inject.step=3",
+        "divergence.action=halt",
+        "++trainer.max_epochs=1",
+        "++trainer.limit_train_batches=8",
+        f"hydra.run.dir={run_dir}",
+        home=home,
+    )
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert "error: divergence at step 3: non-finite gradients in discriminator" in result.stderr
@@ -45,14 +53,22 @@ def test_a_poisoned_batch_halts_at_its_step_and_replays_anywhere(tmp_path: Path,
     assert any(math.isnan(norm) for norm in layers.values())
     assert [step for step, _ in content["history"]["loss_d"]] == [0, 1, 2]  # the steps before it
     assert is_png(bundle / "event.png")
-    assert "divergence at step 3 (halt): non-finite gradients in discriminator" in (run_dir / "train.log").read_text()
+    assert (
+        "divergence at step 3 (halt): non-finite gradients in discriminator"
+        in (run_dir / "train.log").read_text()
+    )
     (wandb_run,) = find_runs(run_dir / "wandb")
     run = read_run(wandb_run, strict=False)
     assert any(a["type"] == "divergence" for a in run.artifacts)
     assert run.summary["divergence/event"]["_type"] == "images/separated"
 
-    replayed = subprocess.run([sys.executable, "-m", "trainer.replay", str(bundle)], env=cli_env(home),
-                              capture_output=True, text=True, timeout=120)
+    replayed = subprocess.run(
+        [sys.executable, "-m", "trainer.replay", str(bundle)],
+        env=cli_env(home),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert replayed.returncode == 0, replayed.stderr[-2000:]
     assert "reproduced" in replayed.stdout and "did not reproduce" not in replayed.stdout
     assert "first layer with a non-finite output: discriminator.net.0" in replayed.stdout  # it ate the batch
@@ -65,27 +81,45 @@ def is_png(path: Path) -> bool:
 
 def test_bundles_stop_at_their_size_cap_and_a_halt_still_writes_one(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    poisoned = [*FAST, "divergence.inject.step=2", "divergence.inject.kind=nan_weight",
-                "divergence.inject.layer=discriminator.net.0"]
+    poisoned = [
+        *FAST,
+        "divergence.inject.step=2",
+        "divergence.inject.kind=nan_weight",
+        "divergence.inject.layer=discriminator.net.0",
+    ]
     weights = tensor_bytes(build_task(compose_config(*poisoned))[1].state_dict())
     room_for_one = 1.5 * 3 * weights / 2**20  # weights, Adam's two moments, and a small batch
     # The NaN weight stays: every step from 2 on is detected and skipped, and only the first fits.
-    train(compose_config(*poisoned, "divergence.action=skip", f"divergence.max_bundle_mb={room_for_one}",
-                         run_dir=run_dir))
+    train(
+        compose_config(
+            *poisoned, "divergence.action=skip", f"divergence.max_bundle_mb={room_for_one}", run_dir=run_dir
+        )
+    )
     detected = divergence_events(run_dir)
     assert [e["step"] for e in detected] == [2, 3, 4, 5, 6, 7]
     assert [("bundle" in e) for e in detected] == [True] + [False] * 5
-    assert all((run_dir / "divergence" / f"step00000{e['step']}-nonfinite" / "event.png").is_file() for e in detected)
+    assert all(
+        (run_dir / "divergence" / f"step00000{e['step']}-nonfinite" / "event.png").is_file() for e in detected
+    )
     with pytest.raises(UserError, match="divergence at step 2"):
-        train(compose_config(*poisoned, "divergence.action=halt", "divergence.max_bundle_mb=0",
-                             run_dir=tmp_path / "halted"))
+        train(
+            compose_config(
+                *poisoned, "divergence.action=halt", "divergence.max_bundle_mb=0", run_dir=tmp_path / "halted"
+            )
+        )
     assert (tmp_path / "halted" / "divergence" / "step000002-nonfinite" / "bundle.pt").is_file()
 
 
 def test_replay_names_a_poisoned_layer_and_tests_a_fix(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    cfg = compose_config(*FAST, "divergence.inject.step=2", "divergence.inject.kind=nan_weight",
-                         "divergence.inject.layer=generator.net.3", "divergence.action=halt", run_dir=run_dir)
+    cfg = compose_config(
+        *FAST,
+        "divergence.inject.step=2",
+        "divergence.inject.kind=nan_weight",
+        "divergence.inject.layer=generator.net.3",
+        "divergence.action=halt",
+        run_dir=run_dir,
+    )
     with pytest.raises(UserError, match="divergence at step 2"):
         train(cfg)
     bundle = run_dir / "divergence" / "step000002-nonfinite"
@@ -98,9 +132,16 @@ def test_replay_names_a_poisoned_layer_and_tests_a_fix(tmp_path: Path) -> None:
 def test_spike_bundle_replays_and_a_lower_lr_is_checked(tmp_path: Path) -> None:
     """huge_lr wrecks the weights; the next batches spike, and a replay can try a smaller learning rate."""
     run_dir = tmp_path / "run"
-    cfg = compose_config(*FAST, "++trainer.limit_train_batches=12", "divergence.inject.step=6",
-                         "divergence.inject.kind=huge_lr", "divergence.spike.warmup=3", "divergence.spike.window=10",
-                         "divergence.action=warn", run_dir=run_dir)
+    cfg = compose_config(
+        *FAST,
+        "++trainer.limit_train_batches=12",
+        "divergence.inject.step=6",
+        "divergence.inject.kind=huge_lr",
+        "divergence.spike.warmup=3",
+        "divergence.spike.window=10",
+        "divergence.action=warn",
+        run_dir=run_dir,
+    )
     train(cfg)
     detected = divergence_events(run_dir)
     assert detected and detected[0]["step"] >= 6
@@ -119,13 +160,15 @@ def test_skip_drops_the_bad_update_and_finishes_with_finite_weights(tmp_path: Pa
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     generator_adam, discriminator_adam = checkpoint["optimizer_states"]
     assert {float(state["step"]) for state in generator_adam["state"].values()} == {8.0}
-    assert {float(state["step"]) for state in discriminator_adam["state"].values()} == {7.0}  # one update dropped
+    assert {float(state["step"]) for state in discriminator_adam["state"].values()} == {
+        7.0
+    }  # one update dropped
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values())  # buffers included
 
 
 class StepProbe(L.Callback):
-    """Records, for every optimizer step, the learning rate the optimizer really applied (its pre-step hooks run
-    after the guard's), with what the task's schedule said and where the task's counters stood."""
+    """Records, for every optimizer step, the learning rate the optimizer really applied (its pre-step hooks
+    run after the guard's), with what the task's schedule said and where the task's counters stood."""
 
     def __init__(self) -> None:
         self.rows: list[dict] = []
@@ -133,13 +176,16 @@ class StepProbe(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for optimizer in trainer.optimizers:
-            optimizer.register_step_pre_hook(lambda opt, *args: self.rows.append(
-                {**self._at_start, "lr": opt.param_groups[0]["lr"]}))
+            optimizer.register_step_pre_hook(
+                lambda opt, *args: self.rows.append({**self._at_start, "lr": opt.param_groups[0]["lr"]})
+            )
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
         self._at_start = {"step": log_step(trainer), "env_steps": getattr(pl_module, "env_steps", None)}
         for config in trainer.lr_scheduler_configs:
-            self._at_start.update(last_epoch=config.scheduler.last_epoch, scheduled=config.scheduler.get_last_lr()[0])
+            self._at_start.update(
+                last_epoch=config.scheduler.last_epoch, scheduled=config.scheduler.get_last_lr()[0]
+            )
 
 
 def fit_with_probe(cfg, probe: L.Callback) -> L.Callback:
@@ -152,9 +198,17 @@ def fit_with_probe(cfg, probe: L.Callback) -> L.Callback:
 
 def roll_back_at_step_6(run_dir: Path, *overrides: str, layer: str) -> list[dict]:
     """A NaN weight in `layer` at step 6, rolled back to the snapshot of step 3; the probe's rows."""
-    cfg = compose_config(*overrides, "logger=none", "++trainer.enable_progress_bar=false", "divergence.inject.step=6",
-                         "divergence.inject.kind=nan_weight", f"divergence.inject.layer={layer}",
-                         "divergence.action=rollback", "divergence.rollback.snapshot_every=4", run_dir=run_dir)
+    cfg = compose_config(
+        *overrides,
+        "logger=none",
+        "++trainer.enable_progress_bar=false",
+        "divergence.inject.step=6",
+        "divergence.inject.kind=nan_weight",
+        f"divergence.inject.layer={layer}",
+        "divergence.action=rollback",
+        "divergence.rollback.snapshot_every=4",
+        run_dir=run_dir,
+    )
     rows = fit_with_probe(cfg, StepProbe()).rows
     (event,) = divergence_events(run_dir)
     assert event["step"] == 6 and event["action"] == "rollback" and event["detector"] == "nonfinite"
@@ -165,8 +219,14 @@ def test_rollback_holds_under_ppo_annealing_and_rewinds_env_steps(tmp_path: Path
     """PPO sets its learning rate itself every step; the rollback's halving must still apply to every update
     after it, and the env steps (which drive the annealing, exploration and the budget) go back too."""
     run_dir = tmp_path / "run"
-    rows = roll_back_at_step_6(run_dir, "+exp=ppo", "task.total_env_steps=8192", "task.env_steps_per_epoch=4096",
-                               "task.eval_episodes=2", layer="agent.critic.0")
+    rows = roll_back_at_step_6(
+        run_dir,
+        "+exp=ppo",
+        "task.total_env_steps=8192",
+        "task.env_steps_per_epoch=4096",
+        "task.eval_episodes=2",
+        layer="agent.critic.0",
+    )
     lr, total = 2.5e-4, 8192
     before = [r for r in rows if r["step"] < 6]
     after = [r for r in rows if r["step"] > 6]
@@ -182,8 +242,14 @@ def test_rollback_holds_under_ppo_annealing_and_rewinds_env_steps(tmp_path: Path
 def test_rollback_restores_the_lr_schedule_and_halves_it(tmp_path: Path) -> None:
     """QA's warm-up/decay scheduler recomputes the rate every step: the rollback puts the schedule back where
     the snapshot was, and every later update runs at half of what the schedule says."""
-    rows = roll_back_at_step_6(tmp_path / "run", "+exp=qa", "data.facts.train_paragraphs=40", "++trainer.max_steps=12",
-                               "++trainer.limit_val_batches=0", layer="encoder.qa_outputs")
+    rows = roll_back_at_step_6(
+        tmp_path / "run",
+        "+exp=qa",
+        "data.facts.train_paragraphs=40",
+        "++trainer.max_steps=12",
+        "++trainer.limit_val_batches=0",
+        layer="encoder.qa_outputs",
+    )
     # The snapshot was taken at the end of step 3, after 4 scheduler steps; step 6's update was dropped.
     assert [r["last_epoch"] for r in rows] == [0, 1, 2, 3, 4, 5, 6, 4, 5, 6, 7, 8]
     assert all(r["lr"] == pytest.approx(r["scheduled"]) for r in rows if r["step"] < 6)
@@ -191,7 +257,8 @@ def test_rollback_restores_the_lr_schedule_and_halves_it(tmp_path: Path) -> None
 
 
 class GradNormProbe(L.Callback):
-    """The gradient norm each optimizer step applies (its hook runs after the guard's), by step and optimizer."""
+    """The gradient norm each optimizer step applies (its hook runs after the guard's), by step and
+    optimizer."""
 
     def __init__(self) -> None:
         self.norms: dict[tuple[int, int], float] = {}
@@ -205,9 +272,17 @@ class GradNormProbe(L.Callback):
 def test_clip_scales_a_gradient_spike_down_to_the_detectors_limit(tmp_path: Path) -> None:
     """After a 1e6x learning-rate step the gradients spike; `clip` applies them scaled to the spike limit."""
     run_dir = tmp_path / "run"
-    cfg = compose_config(*FAST, "++trainer.limit_train_batches=16", "divergence.inject.step=6",
-                         "divergence.inject.kind=huge_lr", "divergence.spike.warmup=4", "divergence.spike.window=10",
-                         "divergence.spike.min_ratio=1.5", "divergence.spike.action=clip", run_dir=run_dir)
+    cfg = compose_config(
+        *FAST,
+        "++trainer.limit_train_batches=16",
+        "divergence.inject.step=6",
+        "divergence.inject.kind=huge_lr",
+        "divergence.spike.warmup=4",
+        "divergence.spike.window=10",
+        "divergence.spike.min_ratio=1.5",
+        "divergence.spike.action=clip",
+        run_dir=run_dir,
+    )
     probe = fit_with_probe(cfg, GradNormProbe())
     clipped = [e for e in divergence_events(run_dir) if e["action"] == "clip"]
     assert clipped, divergence_events(run_dir)
@@ -219,8 +294,15 @@ def test_clip_scales_a_gradient_spike_down_to_the_detectors_limit(tmp_path: Path
 def test_all_ddp_ranks_take_the_same_decision(tmp_path: Path, home: Path) -> None:
     """The batch is poisoned on rank 0 only; rank 1 must still skip the same update."""
     run_dir = tmp_path / "run"
-    result = run_cli(*FAST, "trainer=ddp_cpu", "divergence.inject.step=2", "divergence.inject.rank=0",
-                     "divergence.action=skip", f"hydra.run.dir={run_dir}", home=home)
+    result = run_cli(
+        *FAST,
+        "trainer=ddp_cpu",
+        "divergence.inject.step=2",
+        "divergence.inject.rank=0",
+        "divergence.action=skip",
+        f"hydra.run.dir={run_dir}",
+        home=home,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     keys = ("step", "detector", "action", "global_step")
     rank0, rank1 = ([{k: e[k] for k in keys} for e in divergence_events(run_dir, rank)] for rank in (0, 1))
@@ -277,7 +359,9 @@ def test_policy_and_value_collapse_read_their_bounds_from_the_report() -> None:
     continuous = PolicyReport(losses={}, max_entropy=None)  # no uniform policy to compare with
     assert all(watch.step(continuous, {"entropy": -3.0}) is None for _ in range(5))
     assert watch.step(continuous, {"entropy": -3.0, "approx_kl": 0.05}) is None  # a large but sane update
-    assert watch.step(continuous, {"entropy": -3.0, "approx_kl": 1.5})[0] == "approx_kl"  # out of its trust region
+    assert (
+        watch.step(continuous, {"entropy": -3.0, "approx_kl": 1.5})[0] == "approx_kl"
+    )  # out of its trust region
     values = ValueReport(losses={}, max_return=100.0)
     assert all(watch.step(values, {"q_values": 150.0}) is None for _ in range(5))  # overestimates, below 2x
     assert [watch.step(values, {"q_values": 250.0}) for _ in range(2)][-1][0] == "q_values"
@@ -296,8 +380,17 @@ def test_level_sees_a_loss_that_climbs_back_and_stays() -> None:
 
 def test_lr_find_sweeps_plots_and_suggests(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     run_dir = tmp_path / "run"
-    train(compose_config(*FAST, "mode=lr_find", "lr_find.num_steps=12", "lr_find.min_lr=1e-6",
-                         "lr_find.max_lr=1e-1", "++trainer.limit_train_batches=null", run_dir=run_dir))
+    train(
+        compose_config(
+            *FAST,
+            "mode=lr_find",
+            "lr_find.num_steps=12",
+            "lr_find.min_lr=1e-6",
+            "lr_find.max_lr=1e-1",
+            "++trainer.limit_train_batches=null",
+            run_dir=run_dir,
+        )
+    )
     result = json.loads((run_dir / "lr_find.json").read_text())
     assert 3 <= len(result["lr"]) <= 12 and result["lr"] == sorted(result["lr"])
     assert result["suggested_lr"] and 1e-6 <= result["suggested_lr"] <= 1e-1
@@ -309,8 +402,18 @@ def test_lr_find_sweeps_plots_and_suggests(tmp_path: Path, capsys: pytest.Captur
 def test_the_lr_finder_follows_dqns_td_loss(tmp_path: Path) -> None:
     """DQN's loss is its TD loss, which it reports as a loss: the LR finder follows it (it once saw 0)."""
     run_dir = tmp_path / "run"
-    train(compose_config("+exp=dqn", "mode=lr_find", "lr_find.num_steps=6", "task.learning_starts=500",
-                         "task.eval_episodes=2", "logger=none", "++trainer.enable_progress_bar=false", run_dir=run_dir))
+    train(
+        compose_config(
+            "+exp=dqn",
+            "mode=lr_find",
+            "lr_find.num_steps=6",
+            "task.learning_starts=500",
+            "task.eval_episodes=2",
+            "logger=none",
+            "++trainer.enable_progress_bar=false",
+            run_dir=run_dir,
+        )
+    )
     losses = json.loads((run_dir / "lr_find.json").read_text())["loss"]
     assert len(losses) >= 3 and all(loss > 0 for loss in losses)
 
@@ -335,8 +438,15 @@ class TinyClassifier(L.LightningModule):
 def test_initial_loss_check(bias: float, warns: bool, tmp_path: Path) -> None:
     data = torch.utils.data.TensorDataset(torch.randn(64, 16), torch.randint(0, 10, (64,)))
     check = InitialLossCheck(num_classes=10)
-    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[check], default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[check],
+        default_root_dir=tmp_path,
+    )
     with pytest.warns(UserWarning, match="initial loss") if warns else _no_warning("initial loss"):
         trainer.fit(TinyClassifier(bias), torch.utils.data.DataLoader(data, batch_size=32))
     assert check.first_loss == pytest.approx(math.log(10), rel=0.05) or warns

@@ -47,8 +47,14 @@ def share_and_gather(rank: int, port: int, data: dict[str, dict], out: Path) -> 
 
 def squad_file(questions: int) -> dict:
     context = "The answer to question number seven is a number."
-    qas = [{"id": f"q{i}", "question": f"What is answer {i}?",
-            "answers": [{"text": "a number", "answer_start": context.index("a number")}]} for i in range(questions)]
+    qas = [
+        {
+            "id": f"q{i}",
+            "question": f"What is answer {i}?",
+            "answers": [{"text": "a number", "answer_start": context.index("a number")}],
+        }
+        for i in range(questions)
+    ]
     return {"version": "1.1", "data": [{"title": "t", "paragraphs": [{"context": context, "qas": qas}]}]}
 
 
@@ -58,19 +64,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_three_ranks_score_every_validation_item_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_three_ranks_score_every_validation_item_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     squad = tmp_path / "squad.json"
     squad.write_text(json.dumps(squad_file(7)))
     data = {
         "images": compose_config("+exp=dcgan", "data.val_fraction=0.0056", "data.batch_size=4").data,  # 10
-        "coco": compose_config("+exp=detector", "data.canvases.train_images=20", "data.canvases.val_images=10",
-                               "data.batch_size=4").data,
-        "qa": compose_config("+exp=qa", f"data.train_file={squad}", f"data.val_file={squad}", "data.batch_size=2",
-                             "data.eval_batch_size=4").data,  # 7 questions, one window each
+        "coco": compose_config(
+            "+exp=detector",
+            "data.canvases.train_images=20",
+            "data.canvases.val_images=10",
+            "data.batch_size=4",
+        ).data,
+        "qa": compose_config(
+            "+exp=qa",
+            f"data.train_file={squad}",
+            f"data.val_file={squad}",
+            "data.batch_size=2",
+            "data.eval_batch_size=4",
+        ).data,  # 7 questions, one window each
     }
     data = {name: OmegaConf.to_container(node, resolve=True) for name, node in data.items()}
-    mp.start_processes(share_and_gather, args=(free_port(), data, tmp_path), nprocs=WORLD, start_method="spawn")
+    mp.start_processes(
+        share_and_gather, args=(free_port(), data, tmp_path), nprocs=WORLD, start_method="spawn"
+    )
 
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
     for name in ranks[0]:

@@ -48,36 +48,73 @@ def test_the_guard_catches_every_real_divergence_before_the_run_fails(fixture: P
 
 
 @pytest.mark.parametrize("lr, collapses", [(0.04, True), (2e-4, False)])
-def test_a_gan_at_a_learning_rate_far_too_high_collapses_and_is_reported(tmp_path: Path, lr: float,
-                                                                         collapses: bool) -> None:
+def test_a_gan_at_a_learning_rate_far_too_high_collapses_and_is_reported(
+    tmp_path: Path, lr: float, collapses: bool
+) -> None:
     """A small DCGAN at 200x its learning rate with beta1 0.9 collapses (its discriminator wins outright, its
     samples lose their diversity); at its own learning rate, the same run is not reported."""
     run_dir = tmp_path / "run"
-    train(compose_config(*TINY_DCGAN, *QUIET, f"task.lr={lr}", "task.beta1=0.9", "++trainer.limit_train_batches=20",
-                         "++trainer.max_epochs=4", "divergence.action=warn", run_dir=run_dir))
+    train(
+        compose_config(
+            *TINY_DCGAN,
+            *QUIET,
+            f"task.lr={lr}",
+            "task.beta1=0.9",
+            "++trainer.limit_train_batches=20",
+            "++trainer.max_epochs=4",
+            "divergence.action=warn",
+            run_dir=run_dir,
+        )
+    )
     detectors = {e["detector"] for e in divergence_events(run_dir)}
     assert detectors == ({"collapse"} if collapses else set())
 
 
-@pytest.mark.parametrize("algo, overrides, series", [
-    ("ppo", ["task.lr=0.05", "task.max_grad_norm=1e9", "task.anneal_lr=false", "task.total_env_steps=20480"],
-     {"approx_kl", "entropy"}),  # updates out of the trust region, then a deterministic policy
-    ("dqn", ["task.lr=0.5", "task.learning_starts=1000", "task.total_env_steps=8000"], {"q_values"}),
-])
-def test_an_rl_agent_at_a_learning_rate_far_too_high_is_reported(tmp_path: Path, algo: str, overrides: list[str],
-                                                                 series: set[str]) -> None:
+@pytest.mark.parametrize(
+    "algo, overrides, series",
+    [
+        (
+            "ppo",
+            ["task.lr=0.05", "task.max_grad_norm=1e9", "task.anneal_lr=false", "task.total_env_steps=20480"],
+            {"approx_kl", "entropy"},
+        ),  # updates out of the trust region, then a deterministic policy
+        ("dqn", ["task.lr=0.5", "task.learning_starts=1000", "task.total_env_steps=8000"], {"q_values"}),
+    ],
+)
+def test_an_rl_agent_at_a_learning_rate_far_too_high_is_reported(
+    tmp_path: Path, algo: str, overrides: list[str], series: set[str]
+) -> None:
     run_dir = tmp_path / "run"
-    train(compose_config(f"+exp={algo}", *QUIET, *overrides, "task.env_steps_per_epoch=4096", "task.eval_episodes=2",
-                         "task.video_frames=0", "divergence.action=warn", run_dir=run_dir))
+    train(
+        compose_config(
+            f"+exp={algo}",
+            *QUIET,
+            *overrides,
+            "task.env_steps_per_epoch=4096",
+            "task.eval_episodes=2",
+            "task.video_frames=0",
+            "divergence.action=warn",
+            run_dir=run_dir,
+        )
+    )
     assert series & {e["series"] for e in divergence_events(run_dir) if e["detector"] == "collapse"}
 
 
 def test_the_default_runs_of_these_agents_are_not_reported(tmp_path: Path) -> None:
     for algo, budget in (("ppo", 20480), ("dqn", 20000)):
         run_dir = tmp_path / algo
-        train(compose_config(f"+exp={algo}", *QUIET, f"task.total_env_steps={budget}", "task.eval_episodes=2",
-                             "task.video_frames=0", "divergence.action=warn", "divergence.record=true",
-                             run_dir=run_dir))
+        train(
+            compose_config(
+                f"+exp={algo}",
+                *QUIET,
+                f"task.total_env_steps={budget}",
+                "task.eval_episodes=2",
+                "task.video_frames=0",
+                "divergence.action=warn",
+                "divergence.record=true",
+                run_dir=run_dir,
+            )
+        )
         assert divergence_events(run_dir) == []
     # The guard sees PPO's gradient norms before PPO clips them to task.max_grad_norm (0.5): an explosion
     # would not show in clipped ones.

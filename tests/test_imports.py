@@ -28,9 +28,13 @@ def imported(path: Path) -> set[str]:
 
 def test_no_module_of_the_package_imports_itself_back() -> None:
     modules = {module_name(path): path for path in PACKAGE.rglob("*.py")}
-    graph = {name: {other for other in imported(path) if other in modules and other != name}
-             for name, path in modules.items()}
+    graph = {
+        name: {other for other in imported(path) if other in modules and other != name}
+        for name, path in modules.items()
+    }
     try:
         graphlib.TopologicalSorter(graph).prepare()
     except graphlib.CycleError as cycle:
-        pytest.fail(f"import cycle: {' -> '.join(cycle.args[1])}; move the shared code to a module both can import")
+        pytest.fail(
+            f"import cycle: {' -> '.join(cycle.args[1])}; move the shared code to a module both can import"
+        )

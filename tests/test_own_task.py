@@ -11,7 +11,11 @@ from conftest import REPO, assert_clean_failure, cli_env, last_step, run_cli
 from wandb_offline import find_runs, read_run
 
 OWN = REPO / "tests" / "own_task"
-OWN_EXP = [f"hydra.searchpath=[file://{OWN / 'conf'}]", "+exp=digit_classifier", "++trainer.enable_progress_bar=false"]
+OWN_EXP = [
+    f"hydra.searchpath=[file://{OWN / 'conf'}]",
+    "+exp=digit_classifier",
+    "++trainer.enable_progress_bar=false",
+]
 BATCHES = 1437 // 64  # training digits per epoch (80% of 1,797) in full batches
 
 
@@ -36,7 +40,12 @@ def test_an_own_task_trains_is_monitored_and_resumes(tmp_path: Path, home: Path)
     accuracy = [value for run in runs for _, value in run.series("val/accuracy")]
     assert len(accuracy) == 3 and accuracy[2] > accuracy[0] > 0.3  # it learns (chance is 0.1)
     keys = set(runs[0].history_keys())
-    assert {"train/loss", "grad_norm/network/total", "grad_norm/network/0", "update_ratio/network/total"} <= keys
+    assert {
+        "train/loss",
+        "grad_norm/network/total",
+        "grad_norm/network/0",
+        "update_ratio/network/total",
+    } <= keys
     assert runs[0].config["task"]["_target_"] == "classifier.DigitClassifier"
 
 
@@ -46,8 +55,14 @@ def test_an_own_task_halts_on_a_poisoned_batch_and_replays(tmp_path: Path, home:
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "error: divergence at step 3: non-finite gradients in network" in result.stderr
     bundle = run_dir / "divergence" / "step000003-nonfinite"
-    replayed = subprocess.run([sys.executable, "-m", "trainer.replay", str(bundle)], env=cli_env(home), cwd=OWN,
-                              capture_output=True, text=True, timeout=120)
+    replayed = subprocess.run(
+        [sys.executable, "-m", "trainer.replay", str(bundle)],
+        env=cli_env(home),
+        cwd=OWN,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert replayed.returncode == 0, replayed.stderr[-2000:]
     assert "reproduced" in replayed.stdout and "did not reproduce" not in replayed.stdout
     assert "first layer with a non-finite output: network.0" in replayed.stdout

@@ -44,14 +44,21 @@ def test_gpu_switches_run_on_cpu_and_keep_checkpoints_portable(tmp_path: Path, h
 def write_images(folder: Path, count: int) -> None:
     folder.mkdir(parents=True)
     for i in range(count):
-        pixels = torch.randint(0, 255, (24, 30, 3), generator=torch.Generator().manual_seed(i), dtype=torch.uint8)
+        pixels = torch.randint(
+            0, 255, (24, 30, 3), generator=torch.Generator().manual_seed(i), dtype=torch.uint8
+        )
         Image.fromarray(pixels.numpy()).save(folder / f"{i:03d}.{'png' if i % 2 else 'jpg'}")
 
 
 def test_image_folder_images_are_resized_cropped_and_scaled(tmp_path: Path) -> None:
     write_images(tmp_path / "images" / "nested", 20)
-    cfg = compose_config(*FAST, "data=image_folder", f"data.root={tmp_path / 'images'}", "data.batch_size=4",
-                         run_dir=tmp_path / "run")
+    cfg = compose_config(
+        *FAST,
+        "data=image_folder",
+        f"data.root={tmp_path / 'images'}",
+        "data.batch_size=4",
+        run_dir=tmp_path / "run",
+    )
     from trainer.config import build
 
     data = build(cfg.data, "data")
@@ -61,13 +68,23 @@ def test_image_folder_images_are_resized_cropped_and_scaled(tmp_path: Path) -> N
     assert len(data.train_set) + len(data.val_set) == 20
 
 
-def test_hub_loader_through_the_datasets_library_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hub_loader_through_the_datasets_library_offline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """data=hub goes through `datasets.load_dataset`; its local imagefolder builder needs no network."""
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     write_images(tmp_path / "hub" / "train", 24)
-    cfg = compose_config(*FAST, "data=hub", "data.name=imagefolder", f"data.data_dir={tmp_path / 'hub'}",
-                         "data.image_key=image", "data.batch_size=4", "++trainer.max_epochs=1", run_dir=tmp_path / "run")
+    cfg = compose_config(
+        *FAST,
+        "data=hub",
+        "data.name=imagefolder",
+        f"data.data_dir={tmp_path / 'hub'}",
+        "data.image_key=image",
+        "data.batch_size=4",
+        "++trainer.max_epochs=1",
+        run_dir=tmp_path / "run",
+    )
     metrics = train(cfg)
     assert "train/loss_d" in metrics
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["train/loss_g"]["final"] > 0
@@ -80,8 +97,14 @@ def test_hub_loader_names_a_missing_column(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     write_images(tmp_path / "hub" / "train", 4)
-    cfg = compose_config(*FAST, "data=hub", "data.name=imagefolder", f"data.data_dir={tmp_path / 'hub'}",
-                         "data.image_key=img", run_dir=tmp_path / "run")
+    cfg = compose_config(
+        *FAST,
+        "data=hub",
+        "data.name=imagefolder",
+        f"data.data_dir={tmp_path / 'hub'}",
+        "data.image_key=img",
+        run_dir=tmp_path / "run",
+    )
     with pytest.raises(UserError, match=r"no column 'img'; set data.image_key to one of \['image'\]"):
         build(cfg.data, "data").setup("fit")
 

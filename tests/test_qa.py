@@ -22,7 +22,9 @@ def tokenizer():
 
 def long_example(shift: int = 0) -> Example:
     """A context of ~300 tokens with one answer in the middle, moved right by `shift` words."""
-    filler = " ".join(f"Sentence {i} says nothing about the lighthouse keeper of the island." for i in range(12))
+    filler = " ".join(
+        f"Sentence {i} says nothing about the lighthouse keeper of the island." for i in range(12)
+    )
     context = f"{filler} {'so ' * shift}The lighthouse was built by Ada Cenmorzar Velbri in 1871. {filler}"
     answer = "Ada Cenmorzar Velbri"
     return Example(f"long-{shift}", "Who built the lighthouse?", context, [answer], [context.index(answer)])
@@ -84,7 +86,9 @@ def test_unanswerable_questions_are_in_the_embedded_set():
 # -- post-processing: logits -> answer text ---------------------------------------------------------------
 
 
-def one_hot_logits(features, f: int, start: int, end: int, null: float = -5.0) -> tuple[np.ndarray, np.ndarray]:
+def one_hot_logits(
+    features, f: int, start: int, end: int, null: float = -5.0
+) -> tuple[np.ndarray, np.ndarray]:
     width = len(features.inputs[f]["input_ids"])
     s, e = np.full(width, -10.0), np.full(width, -10.0)
     s[start], e[end] = 5.0, 5.0
@@ -98,21 +102,30 @@ def test_predicted_spans_map_back_to_context_text(tokenizer):
     f = next(i for i, s in enumerate(features.start_positions) if s)
     logits = {f: one_hot_logits(features, f, features.start_positions[f], features.end_positions[f])}
     assert predict_answers([example], features, logits) == {"long-0": "Ada Cenmorzar Velbri"}
-    # A higher-scoring start 3 tokens earlier makes a span 3 tokens longer: chosen only if that length is allowed.
-    s, e = logits[f]
+    # A higher-scoring start 3 tokens earlier makes a span 3 tokens longer: chosen only if that length is
+    # allowed.
+    s, _e = logits[f]
     s[features.start_positions[f] - 3] = 6.0
     length = features.end_positions[f] - features.start_positions[f] + 1
-    assert predict_answers([example], features, logits, max_answer_length=length + 2) == {"long-0": "Ada Cenmorzar Velbri"}
+    assert predict_answers([example], features, logits, max_answer_length=length + 2) == {
+        "long-0": "Ada Cenmorzar Velbri"
+    }
     assert predict_answers([example], features, logits, max_answer_length=length + 3)["long-0"].endswith(
-        "by Ada Cenmorzar Velbri")
+        "by Ada Cenmorzar Velbri"
+    )
 
 
 def test_a_zero_width_span_is_never_the_answer():
     """A token whose character span is empty (a tokenizer's zero-width piece) must not make the answer empty:
     the best non-empty span wins, as in the reference post-processing."""
     example = Example(id="zw", question="who?", context="Ada wrote it", answers=["Ada"], starts=[0])
-    features = Features(inputs=[{"input_ids": [0] * 5}], example=[0], start_positions=[0], end_positions=[0],
-                        offsets=[[None, (3, 3), (0, 3), (4, 9), None]])
+    features = Features(
+        inputs=[{"input_ids": [0] * 5}],
+        example=[0],
+        start_positions=[0],
+        end_positions=[0],
+        offsets=[[None, (3, 3), (0, 3), (4, 9), None]],
+    )
     start, end = np.full(5, -10.0), np.full(5, -10.0)
     start[1] = end[1] = 8.0  # the zero-width token scores best
     start[2] = end[2] = 5.0
@@ -123,11 +136,19 @@ def test_null_threshold_decides_no_answer(tokenizer):
     example = long_example()
     features = tokenize([example], tokenizer, max_length=64, doc_stride=24)
     f = next(i for i, s in enumerate(features.start_positions) if s)
-    logits = {f: one_hot_logits(features, f, features.start_positions[f], features.end_positions[f], null=6.0)}
+    logits = {
+        f: one_hot_logits(features, f, features.start_positions[f], features.end_positions[f], null=6.0)
+    }
     # null score 12 vs best span 10: v2 answers "", v1 must answer, a threshold above the gap keeps the span.
     assert predict_answers([example], features, logits, with_unanswerable=True) == {"long-0": ""}
-    assert predict_answers([example], features, logits, with_unanswerable=False)["long-0"] == "Ada Cenmorzar Velbri"
-    assert predict_answers([example], features, logits, with_unanswerable=True, null_threshold=2.5)["long-0"] != ""
+    assert (
+        predict_answers([example], features, logits, with_unanswerable=False)["long-0"]
+        == "Ada Cenmorzar Velbri"
+    )
+    assert (
+        predict_answers([example], features, logits, with_unanswerable=True, null_threshold=2.5)["long-0"]
+        != ""
+    )
 
 
 # -- the metric ------------------------------------------------------------------------------------------
@@ -136,15 +157,15 @@ def test_null_threshold_decides_no_answer(tokenizer):
 @pytest.mark.parametrize(
     ("prediction", "golds", "exact", "f1"),
     [
-        ("The Cat!", ["cat"], 1.0, 1.0),                           # case, punctuation, articles
-        ("an  old   oak", ["old oak"], 1.0, 1.0),                  # whitespace
-        ("the big red dog", ["red dog barked"], 0.0, 2 / 3),       # 2 of 3 tokens on each side
+        ("The Cat!", ["cat"], 1.0, 1.0),  # case, punctuation, articles
+        ("an  old   oak", ["old oak"], 1.0, 1.0),  # whitespace
+        ("the big red dog", ["red dog barked"], 0.0, 2 / 3),  # 2 of 3 tokens on each side
         ("Paris", ["London", "paris, France", "Paris"], 1.0, 1.0),  # best of several gold answers
-        ("in Paris", ["London", "Paris France"], 0.0, 0.5),        # P 1/2, R 1/2 against the second
-        ("", [], 1.0, 1.0),                                        # unanswerable, answered ""
-        ("London", [], 0.0, 0.0),                                  # unanswerable, answered
-        ("", ["London"], 0.0, 0.0),                                # answerable, answered ""
-        ("the", ["a"], 1.0, 1.0),                                  # both normalize to "": as the official script
+        ("in Paris", ["London", "Paris France"], 0.0, 0.5),  # P 1/2, R 1/2 against the second
+        ("", [], 1.0, 1.0),  # unanswerable, answered ""
+        ("London", [], 0.0, 0.0),  # unanswerable, answered
+        ("", ["London"], 0.0, 0.0),  # answerable, answered ""
+        ("the", ["a"], 1.0, 1.0),  # both normalize to "": as the official script
     ],
 )
 def test_squad_scores_hand_cases(prediction, golds, exact, f1):
@@ -152,8 +173,12 @@ def test_squad_scores_hand_cases(prediction, golds, exact, f1):
 
 
 def test_squad_metrics_averages_and_splits_by_answerability():
-    examples = [Example("a", "q", "c", ["red dog barked"], [0]), Example("b", "q", "c", ["x"], [0]),
-                Example("c", "q", "c", [], []), Example("d", "q", "c", ["never predicted"], [0])]
+    examples = [
+        Example("a", "q", "c", ["red dog barked"], [0]),
+        Example("b", "q", "c", ["x"], [0]),
+        Example("c", "q", "c", [], []),
+        Example("d", "q", "c", ["never predicted"], [0]),
+    ]
     metrics = squad_metrics({"a": "the big red dog", "b": "x", "c": "y"}, examples)
     assert metrics["exact"] == pytest.approx(100 / 3)
     assert metrics["f1"] == pytest.approx(100 * (2 / 3 + 1 + 0) / 3)
@@ -166,21 +191,36 @@ def test_squad_metrics_averages_and_splits_by_answerability():
 
 def squad_file(tmp_path: Path, qa: dict, context: str = "Ada was born in Lyon.") -> Path:
     path = tmp_path / "bad.json"
-    path.write_text(json.dumps({"version": "v2.0", "data": [{"title": "t", "paragraphs": [
-        {"context": context, "qas": [qa]}]}]}))
+    path.write_text(
+        json.dumps(
+            {"version": "v2.0", "data": [{"title": "t", "paragraphs": [{"context": context, "qas": [qa]}]}]}
+        )
+    )
     return path
 
 
 @pytest.mark.parametrize(
     ("qa", "message"),
     [
-        ({"id": "q7", "question": "Where?", "answers": [{"text": "Lyon", "answer_start": 3}]},
-         r"example q7: answer 'Lyon' is not at answer_start=3 \(the context has ' was' there\): fix answer_start"),
-        ({"id": "q8", "answers": [{"text": "Lyon", "answer_start": 16}]}, r'example q8 has no "question" field'),
-        ({"id": "q9", "question": "Where?", "answers": [{"text": "Lyon"}]}, r'example q9 has no "answer_start"'),
-        ({"id": "q10", "question": "Where?", "answers": []}, r'example q10 has no answers and is not marked'),
-        ({"id": "q11", "question": "Where?", "answers": [{"text": "Lyon", "answer_start": "16"}]},
-         r"example q11: an answer needs a text \(string\) and an answer_start \(a character offset\), got 'Lyon' at '16'"),
+        (
+            {"id": "q7", "question": "Where?", "answers": [{"text": "Lyon", "answer_start": 3}]},
+            r"example q7: answer 'Lyon' is not at answer_start=3 \(the context has ' was' there\): "
+            r"fix answer_start",
+        ),
+        (
+            {"id": "q8", "answers": [{"text": "Lyon", "answer_start": 16}]},
+            r'example q8 has no "question" field',
+        ),
+        (
+            {"id": "q9", "question": "Where?", "answers": [{"text": "Lyon"}]},
+            r'example q9 has no "answer_start"',
+        ),
+        ({"id": "q10", "question": "Where?", "answers": []}, r"example q10 has no answers and is not marked"),
+        (
+            {"id": "q11", "question": "Where?", "answers": [{"text": "Lyon", "answer_start": "16"}]},
+            r"example q11: an answer needs a text \(string\) and an answer_start \(a character offset\), "
+            r"got 'Lyon' at '16'",
+        ),
     ],
 )
 def test_malformed_squad_files_name_the_example(tmp_path, qa, message):
@@ -194,7 +234,7 @@ def test_unreadable_squad_files(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         read_squad_file(tmp_path / "missing.json")
     (tmp_path / "broken.json").write_text('{"data": [')
-    with pytest.raises(UserError, match="broken.json is not valid JSON"):
+    with pytest.raises(UserError, match=r"broken\.json is not valid JSON"):
         read_squad_file(tmp_path / "broken.json")
     (tmp_path / "other.json").write_text('{"rows": []}')
     with pytest.raises(UserError, match='no top-level "data" list'):
@@ -209,9 +249,9 @@ def test_a_tokenizer_without_offsets_is_refused():
 
 
 def test_bad_data_settings_are_refused():
-    with pytest.raises(UserError, match="doc_stride=128 must be under half of data.max_length=128"):
+    with pytest.raises(UserError, match=r"doc_stride=128 must be under half of data\.max_length=128"):
         SquadDataModule(tokenizer="minilm", max_length=128, doc_stride=128)
-    with pytest.raises(UserError, match="give both data.train_file and data.val_file"):
+    with pytest.raises(UserError, match=r"give both data\.train_file and data\.val_file"):
         SquadDataModule(tokenizer="minilm", train_file="train.json")
     with pytest.raises(UserError, match="cannot load the tokenizer of '/nowhere/model'"):
         load_tokenizer("/nowhere/model")
@@ -223,8 +263,15 @@ def test_bad_data_settings_are_refused():
 @pytest.mark.slow
 def test_short_qa_run_writes_exact_and_f1(tmp_path, home):
     run_dir = tmp_path / "run"
-    done = run_cli("+exp=qa", "++trainer.max_steps=3", "++trainer.limit_val_batches=2", "data.facts.train_paragraphs=40",
-                   "++trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}", home=home)
+    done = run_cli(
+        "+exp=qa",
+        "++trainer.max_steps=3",
+        "++trainer.limit_val_batches=2",
+        "data.facts.train_paragraphs=40",
+        "++trainer.enable_progress_bar=false",
+        f"hydra.run.dir={run_dir}",
+        home=home,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     final = {key.removeprefix("val/"): metrics[key]["final"] for key in metrics if key.startswith("val/")}
@@ -233,7 +280,9 @@ def test_short_qa_run_writes_exact_and_f1(tmp_path, home):
     # F1 averages the answerable and the unanswerable questions: it lies between their two F1s.
     assert min(final["f1_has_answer"], final["f1_no_answer"]) <= final["f1"]
     assert final["f1"] <= max(final["f1_has_answer"], final["f1_no_answer"])
-    assert final["f1_has_answer"] != final["f1_no_answer"]  # two distinct parts, so the bracket is not a point
+    assert (
+        final["f1_has_answer"] != final["f1_no_answer"]
+    )  # two distinct parts, so the bracket is not a point
     assert metrics["val/f1"]["best_step"] == 3  # validated where max_steps stopped it, mid-epoch
     (run_path,) = find_runs(run_dir / "wandb")
     run = read_run(run_path)
@@ -242,12 +291,18 @@ def test_short_qa_run_writes_exact_and_f1(tmp_path, home):
 
 
 def test_a_data_set_in_hugging_face_layout_loads(tmp_path):
-    # The hub path (data.name=squad) on a local folder in the same layout: datasets reads train/validation files.
+    # The hub path (data.name=squad) on a local folder in the same layout: datasets reads the train and
+    # validation files.
     context = "Ada was born in Lyon in 1871."
     for split, question in (("train", "Where was Ada born?"), ("validation", "When was Ada born?")):
         answer = "Lyon" if split == "train" else "1871"
-        row = {"id": split, "title": "Ada", "context": context, "question": question,
-               "answers": {"text": [answer], "answer_start": [context.index(answer)]}}
+        row = {
+            "id": split,
+            "title": "Ada",
+            "context": context,
+            "question": question,
+            "answers": {"text": [answer], "answer_start": [context.index(answer)]},
+        }
         (tmp_path / f"{split}.jsonl").write_text(json.dumps(row) + "\n")
     train, validation = load_hub_squad(str(tmp_path))
     assert train == [Example("train", "Where was Ada born?", context, ["Lyon"], [16])]
@@ -260,8 +315,14 @@ def test_v1_and_v2_files_set_whether_no_answer_is_allowed(tmp_path, with_unanswe
     for split, seed in (("train", 1), ("validation", 2)):
         paths.append(tmp_path / f"{split}.json")
         paths[-1].write_text(json.dumps(squad_split(6, seed, with_unanswerable=with_unanswerable)))
-    data = SquadDataModule(tokenizer="minilm", train_file=str(paths[0]), val_file=str(paths[1]), batch_size=4,
-                           max_length=128, doc_stride=32)
+    data = SquadDataModule(
+        tokenizer="minilm",
+        train_file=str(paths[0]),
+        val_file=str(paths[1]),
+        batch_size=4,
+        max_length=128,
+        doc_stride=32,
+    )
     data.setup("fit")
     assert data.val_set.with_unanswerable is with_unanswerable
     batch = next(iter(data.train_dataloader()))

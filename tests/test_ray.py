@@ -16,8 +16,13 @@ from wandb_offline import find_runs, read_run
 RAY = ["launcher=ray", "launcher.num_workers=2"]
 # Big enough that a step takes tens of milliseconds, so a worker can be killed in the middle of training.
 SLOW_DCGAN = [
-    "+exp=dcgan", "data.batch_size=32", "++trainer.limit_train_batches=6", "++trainer.limit_val_batches=1",
-    "++trainer.max_epochs=6", "++trainer.log_every_n_steps=2", "++trainer.enable_progress_bar=false",
+    "+exp=dcgan",
+    "data.batch_size=32",
+    "++trainer.limit_train_batches=6",
+    "++trainer.limit_val_batches=1",
+    "++trainer.max_epochs=6",
+    "++trainer.log_every_n_steps=2",
+    "++trainer.enable_progress_bar=false",
     "callbacks.last_checkpoint.every_n_train_steps=4",  # every 2 batches (2 optimizer steps per batch)
 ]
 
@@ -38,8 +43,12 @@ def cluster():
 
 def start_cli(*args: str, home: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "trainer", *args], env=cli_env(home), cwd=Path(__file__).parent.parent,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [sys.executable, "-m", "trainer", *args],
+        env=cli_env(home),
+        cwd=Path(__file__).parent.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
@@ -91,8 +100,14 @@ def test_ray_run_writes_the_run_dir_and_resumes(tmp_path: Path, home: Path) -> N
 def train_through_a_failure(cluster, run_dir: Path, home: Path, fail) -> str:
     """Starts a spread 2-worker run on the cluster, calls `fail` once Ray holds a checkpoint, and returns
     the output of the run, which must finish all its steps."""
-    proc = start_cli(*SLOW_DCGAN, *RAY, f"launcher.address={cluster.address}", "launcher.placement_strategy=SPREAD",
-                     f"hydra.run.dir={run_dir}", home=home)
+    proc = start_cli(
+        *SLOW_DCGAN,
+        *RAY,
+        f"launcher.address={cluster.address}",
+        "launcher.placement_strategy=SPREAD",
+        f"hydra.run.dir={run_dir}",
+        home=home,
+    )
     try:
         wait_for(lambda: ray_checkpoints(run_dir) or proc.poll() is not None, 180, "a first Ray checkpoint")
         assert proc.poll() is None, proc.stdout.read()[-3000:]
@@ -110,9 +125,13 @@ def train_through_a_failure(cluster, run_dir: Path, home: Path, fail) -> str:
 
 def test_a_killed_worker_is_replaced_and_training_continues(cluster, tmp_path: Path, home: Path) -> None:
     run_dir = tmp_path / "run"
-    train_through_a_failure(cluster, run_dir, home, lambda workers: os.kill(next(iter(workers)), signal.SIGKILL))
+    train_through_a_failure(
+        cluster, run_dir, home, lambda workers: os.kill(next(iter(workers)), signal.SIGKILL)
+    )
     # The first W&B run file ends where its process was killed; read what it holds.
-    runs = sorted((read_run(p, strict=False) for p in find_runs(run_dir / "wandb")), key=lambda r: r.started_at)
+    runs = sorted(
+        (read_run(p, strict=False) for p in find_runs(run_dir / "wandb")), key=lambda r: r.started_at
+    )
     assert len(runs) == 2 and len({r.run_id for r in runs}) == 1  # the restart continued the same W&B run
     resumed_at = min(step for _, step in runs[1].series("trainer/global_step"))
     assert resumed_at > 0  # only the steps after the checkpoint were done again
@@ -156,6 +175,8 @@ def test_unreachable_cluster_fails_fast_with_the_address(home: Path) -> None:
 
 
 def test_asking_for_more_cpus_than_the_cluster_has_fails_fast(cluster, home: Path) -> None:
-    result = run_cli(*TINY_DCGAN, *RAY, "launcher.num_workers=8", f"launcher.address={cluster.address}", home=home)
+    result = run_cli(
+        *TINY_DCGAN, *RAY, "launcher.num_workers=8", f"launcher.address={cluster.address}", home=home
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     assert "needs 8 CPU, the Ray cluster has 3" in result.stderr

@@ -77,7 +77,9 @@ def test_resume_never_starts_fresh_and_keeps_the_old_checkpoints(tmp_path: Path)
     fresh = last_checkpoint(run)
     # Resuming a finished 1-epoch run would train nothing; a fresh one trains an epoch at the new lr.
     assert fresh["global_step"] == before["global_step"]
-    assert not torch.equal(fresh["state_dict"]["generator.net.0.weight"], before["state_dict"]["generator.net.0.weight"])
+    assert not torch.equal(
+        fresh["state_dict"]["generator.net.0.weight"], before["state_dict"]["generator.net.0.weight"]
+    )
 
 
 def test_last_checkpoint_callbacks_share_no_state(tmp_path: Path) -> None:

@@ -18,10 +18,21 @@ from trainer.tasks.ppo import gae
 
 QUIET = ["logger=none", "++trainer.enable_progress_bar=false", "++trainer.enable_model_summary=false"]
 # A few thousand env steps: seconds on 2 cores.
-SHORT_PPO = ["+exp=ppo", "task.total_env_steps=2048", "task.env_steps_per_epoch=1024", "task.eval_episodes=3",
-             *QUIET]
-SHORT_DQN = ["+exp=dqn", "task.total_env_steps=1500", "task.learning_starts=500", "task.env_steps_per_epoch=500",
-             "task.eval_episodes=3", *QUIET]
+SHORT_PPO = [
+    "+exp=ppo",
+    "task.total_env_steps=2048",
+    "task.env_steps_per_epoch=1024",
+    "task.eval_episodes=3",
+    *QUIET,
+]
+SHORT_DQN = [
+    "+exp=dqn",
+    "task.total_env_steps=1500",
+    "task.learning_starts=500",
+    "task.env_steps_per_epoch=500",
+    "task.eval_episodes=3",
+    *QUIET,
+]
 
 
 class Constant(gym.Env):
@@ -74,12 +85,16 @@ def test_bad_noise_settings_are_refused():
 
 def test_gae_by_hand():
     # One env, 3 steps; obs[2] starts a new episode (dones[2] = 1), and the env is mid-episode at the end.
-    rollout = {"rewards": torch.tensor([[1.0], [2.0], [3.0]]), "values": torch.tensor([[0.5], [1.0], [2.0]]),
-               "dones": torch.tensor([[0.0], [0.0], [1.0]]), "next_value": torch.tensor([4.0]),
-               "next_done": torch.tensor([0.0])}
+    rollout = {
+        "rewards": torch.tensor([[1.0], [2.0], [3.0]]),
+        "values": torch.tensor([[0.5], [1.0], [2.0]]),
+        "dones": torch.tensor([[0.0], [0.0], [1.0]]),
+        "next_value": torch.tensor([4.0]),
+        "next_done": torch.tensor([0.0]),
+    }
     g, lam = 0.9, 0.5
-    d2 = 3 + g * 4.0 - 2.0           # bootstraps from next_value
-    d1 = 2 + 0.0 - 1.0               # the episode ends after step 1: no bootstrap
+    d2 = 3 + g * 4.0 - 2.0  # bootstraps from next_value
+    d1 = 2 + 0.0 - 1.0  # the episode ends after step 1: no bootstrap
     d0 = 1 + g * 1.0 - 0.5
     expected = torch.tensor([[d0 + g * lam * d1], [d1], [d2]])
     assert torch.allclose(gae(rollout, g, lam), expected)
@@ -98,8 +113,13 @@ def test_env_seeds_differ_per_rank_and_after_a_resume():
 @pytest.mark.parametrize("algo", ["ppo", "dqn"])
 def test_done_when_command_writes_an_episodic_return(tmp_path, home, algo):
     run_dir = tmp_path / algo
-    done = run_cli(f"+exp={algo}", "++trainer.max_steps=20", "++trainer.enable_progress_bar=false",
-                   f"hydra.run.dir={run_dir}", home=home)
+    done = run_cli(
+        f"+exp={algo}",
+        "++trainer.max_steps=20",
+        "++trainer.enable_progress_bar=false",
+        f"hydra.run.dir={run_dir}",
+        home=home,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     final = {key: metrics[key]["final"] for key in metrics}
@@ -110,8 +130,10 @@ def test_done_when_command_writes_an_episodic_return(tmp_path, home, algo):
     run = read_run(find_runs(run_dir / "wandb")[0])
     video = run.summary["val/episode"]
     assert video["_type"] == "video-file" and run.file_path(video["path"]).stat().st_size > 1000
-    signals = {"ppo": ["approx_kl", "clip_frac", "entropy", "explained_variance", "value_loss"],
-               "dqn": ["td_loss", "q_values", "epsilon"]}[algo]
+    signals = {
+        "ppo": ["approx_kl", "clip_frac", "entropy", "explained_variance", "value_loss"],
+        "dqn": ["td_loss", "q_values", "epsilon"],
+    }[algo]
     assert all(f"train/{name}" in run.history_keys() for name in signals)
 
 
@@ -120,8 +142,10 @@ def test_a_seeded_run_is_reproducible(tmp_path):
     for metrics in runs:
         del metrics["train/env_steps_per_sec"]  # wall clock
     assert runs[0] == runs[1]
-    weights = [torch.load(tmp_path / str(i) / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-               for i in range(2)]
+    weights = [
+        torch.load(tmp_path / str(i) / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+        for i in range(2)
+    ]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     other = train(compose_config(*SHORT_PPO, "seed=7", run_dir=tmp_path / "other"))
     assert other["train/episodic_return"] != runs[0]["train/episodic_return"]
@@ -165,7 +189,9 @@ def test_q_network_acts_in_numpy_as_it_does_in_torch():
     # An optimizer step writes the weights in place; the NumPy views see it.
     optimizer = torch.optim.SGD(q.parameters(), lr=1.0)
     greedy = int(np.bincount(before).argmax())
-    q(torch.from_numpy(obs))[:, greedy].sum().backward()  # descending the favourite's Q: the other action wins
+    q(torch.from_numpy(obs))[
+        :, greedy
+    ].sum().backward()  # descending the favourite's Q: the other action wins
     optimizer.step()
     after = q.act(obs)
     assert (after == 1 - greedy).all() and (after == by_torch()).all()
@@ -178,14 +204,22 @@ def test_q_network_acts_in_numpy_as_it_does_in_torch():
 
 def test_the_gpu_preset_leaves_rl_without_a_data_module(tmp_path):
     # trainer=gpu sets data loader options; RL has no data module, so they must not become one.
-    datamodule, module = build_task(compose_config("+exp=ppo", "trainer=gpu", "perf.compile=false", run_dir=tmp_path))
+    datamodule, module = build_task(
+        compose_config("+exp=ppo", "trainer=gpu", "perf.compile=false", run_dir=tmp_path)
+    )
     assert datamodule is None and module.agent is not None
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides, message", [
-    (["+exp=ppo", "env.id=CartPole-v9"], "env.id=CartPole-v9 is not a registered gymnasium environment: did you mean"),
-    (["+exp=dqn", "env.id=Pendulum-v1"], "DQN needs discrete actions"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["+exp=ppo", "env.id=CartPole-v9"],
+            "env.id=CartPole-v9 is not a registered gymnasium environment: did you mean",
+        ),
+        (["+exp=dqn", "env.id=Pendulum-v1"], "DQN needs discrete actions"),
+    ],
+)
 def test_bad_rl_input_is_one_clear_line(tmp_path, home, overrides, message):
     assert_clean_failure(run_cli(*overrides, *QUIET, f"hydra.run.dir={tmp_path}", home=home), message)

@@ -13,15 +13,20 @@ from conftest import REPO, TINY_DCGAN, last_step, run_cli
 from wandb_offline import find_runs, read_run
 
 SLOW_DCGAN = [
-    "+exp=dcgan", "data.batch_size=32", "++trainer.limit_train_batches=6", "++trainer.limit_val_batches=1",
-    "++trainer.max_epochs=8", "++trainer.enable_progress_bar=false",
+    "+exp=dcgan",
+    "data.batch_size=32",
+    "++trainer.limit_train_batches=6",
+    "++trainer.limit_val_batches=1",
+    "++trainer.max_epochs=8",
+    "++trainer.enable_progress_bar=false",
 ]
 
 
 @pytest.fixture(scope="module")
 def slurm() -> None:
-    started = subprocess.run([str(REPO / "scripts" / "slurm_local.sh"), "start"], capture_output=True, text=True,
-                             timeout=600)
+    started = subprocess.run(
+        [str(REPO / "scripts" / "slurm_local.sh"), "start"], capture_output=True, text=True, timeout=600
+    )
     if started.returncode != 0:
         pytest.skip(f"no SLURM cluster on this machine: {started.stdout.strip() or started.stderr.strip()}")
     yield
@@ -51,13 +56,26 @@ def wait_for_state(job: str, states: set[str], timeout: float) -> str:
 
 def test_dry_run_of_two_nodes_writes_a_script_that_starts_a_ray_cluster(tmp_path: Path, home: Path) -> None:
     run_dir = tmp_path / "run"
-    result = run_cli("+exp=dcgan", "launcher=slurm", "slurm.nodes=2", "slurm.dry_run=true", f"hydra.run.dir={run_dir}",
-                     home=home)
+    result = run_cli(
+        "+exp=dcgan",
+        "launcher=slurm",
+        "slurm.nodes=2",
+        "slurm.dry_run=true",
+        f"hydra.run.dir={run_dir}",
+        home=home,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     script = (run_dir / "slurm" / "job.sbatch").read_text()
-    for line in ("#SBATCH --nodes=2", "#SBATCH --requeue", "#SBATCH --signal=B:USR1@120", "ray start --head",
-                 "ray start --block --address=", "launcher.address=auto", "launcher.num_workers=2",
-                 f"hydra.run.dir={run_dir}"):
+    for line in (
+        "#SBATCH --nodes=2",
+        "#SBATCH --requeue",
+        "#SBATCH --signal=B:USR1@120",
+        "ray start --head",
+        "ray start --block --address=",
+        "launcher.address=auto",
+        "launcher.num_workers=2",
+        f"hydra.run.dir={run_dir}",
+    ):
         assert line in script, line
     (command,) = [line for line in script.splitlines() if " -m trainer " in line and not line.startswith("#")]
     assert "launcher=slurm" not in command and "slurm." not in command  # the job trains, it does not resubmit
@@ -67,36 +85,82 @@ def test_dry_run_of_two_nodes_writes_a_script_that_starts_a_ray_cluster(tmp_path
 
 def test_one_node_script_carries_the_allocation(tmp_path: Path, home: Path) -> None:
     run_dir = tmp_path / "run"
-    result = run_cli("+exp=dcgan", "launcher=slurm", "slurm.gpus_per_node=4", "slurm.partition=gpu", "slurm.account=lab",
-                     "slurm.qos=high", "slurm.mem=64G", "slurm.time=12:00:00", "slurm.extra_sbatch=['--constraint=a100']",
-                     "slurm.setup=['module load cuda/12.4']", "slurm.dry_run=true", f"hydra.run.dir={run_dir}", home=home)
+    result = run_cli(
+        "+exp=dcgan",
+        "launcher=slurm",
+        "slurm.gpus_per_node=4",
+        "slurm.partition=gpu",
+        "slurm.account=lab",
+        "slurm.qos=high",
+        "slurm.mem=64G",
+        "slurm.time=12:00:00",
+        "slurm.extra_sbatch=['--constraint=a100']",
+        "slurm.setup=['module load cuda/12.4']",
+        "slurm.dry_run=true",
+        f"hydra.run.dir={run_dir}",
+        home=home,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     script = (run_dir / "slurm" / "job.sbatch").read_text()
-    for line in ("--ntasks-per-node=4", "--gpus-per-node=4", "--partition=gpu", "--account=lab", "--qos=high",
-                 "--mem=64G", "--time=12:00:00", "#SBATCH --constraint=a100", "\nmodule load cuda/12.4\n",
-                 "--signal=USR1@120", "srun --kill-on-bad-exit=1", "++trainer.devices=4", "++trainer.strategy=ddp"):
+    for line in (
+        "--ntasks-per-node=4",
+        "--gpus-per-node=4",
+        "--partition=gpu",
+        "--account=lab",
+        "--qos=high",
+        "--mem=64G",
+        "--time=12:00:00",
+        "#SBATCH --constraint=a100",
+        "\nmodule load cuda/12.4\n",
+        "--signal=USR1@120",
+        "srun --kill-on-bad-exit=1",
+        "++trainer.devices=4",
+        "++trainer.strategy=ddp",
+    ):
         assert line in script, line
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["slurm.gpus_per_node=8", "++trainer.devices=4"], "trainer.devices=4 but slurm.gpus_per_node=8"),
-    (["slurm.nodes=2", "slurm.gpus_per_node=8", "slurm.ray_workers=32"], "slurm.ray_workers=32 but 2 node(s) x 8"),
-    (["++slurm.gpus=8"], "slurm.gpus is not an option"),
-])
-def test_a_config_that_contradicts_the_allocation_is_refused(overrides, message, tmp_path: Path, home: Path) -> None:
-    result = run_cli("+exp=dcgan", "launcher=slurm", "slurm.dry_run=true", *overrides, f"hydra.run.dir={tmp_path}",
-                     home=home)
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["slurm.gpus_per_node=8", "++trainer.devices=4"], "trainer.devices=4 but slurm.gpus_per_node=8"),
+        (
+            ["slurm.nodes=2", "slurm.gpus_per_node=8", "slurm.ray_workers=32"],
+            "slurm.ray_workers=32 but 2 node(s) x 8",
+        ),
+        (["++slurm.gpus=8"], "slurm.gpus is not an option"),
+    ],
+)
+def test_a_config_that_contradicts_the_allocation_is_refused(
+    overrides, message, tmp_path: Path, home: Path
+) -> None:
+    result = run_cli(
+        "+exp=dcgan",
+        "launcher=slurm",
+        "slurm.dry_run=true",
+        *overrides,
+        f"hydra.run.dir={tmp_path}",
+        home=home,
+    )
     assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "slurm").exists()
 
 
 def test_a_tiny_exp_runs_through_the_ray_template(slurm, tmp_path: Path, home: Path) -> None:
     run_dir = tmp_path / "run"
-    result = run_cli(*TINY_DCGAN, "++trainer.max_epochs=1", "launcher=slurm", "slurm.via_ray=true",
-                     "slurm.ray_head_ip=127.0.0.1", f"hydra.run.dir={run_dir}", home=home)
+    result = run_cli(
+        *TINY_DCGAN,
+        "++trainer.max_epochs=1",
+        "launcher=slurm",
+        "slurm.via_ray=true",
+        "slurm.ray_head_ip=127.0.0.1",
+        f"hydra.run.dir={run_dir}",
+        home=home,
+    )
     job = submitted_job(result)
-    assert wait_for_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 300) == "COMPLETED", \
-        (run_dir / "slurm" / f"job-{job}.log").read_text()[-3000:]
+    assert wait_for_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 300) == "COMPLETED", (
+        run_dir / "slurm" / f"job-{job}.log"
+    ).read_text()[-3000:]
     assert last_step(run_dir) == 8
     log = (run_dir / "slurm" / f"job-{job}.log").read_text()
     assert "Ray head" in log and len(find_runs(run_dir / "wandb")) == 1
@@ -112,7 +176,9 @@ def test_a_signalled_job_saves_requeues_and_finishes_all_its_steps(slurm, tmp_pa
     # What SLURM sends before a time limit or a preemption (--signal=USR1@...), sent now.
     subprocess.run(["scancel", "--signal=USR1", job], check=True)
     wait_for_state(job, {"PENDING"}, 120)
-    subprocess.run(["scontrol", "update", f"jobid={job}", "starttime=now"], check=True)  # skip the requeue hold
+    subprocess.run(
+        ["scontrol", "update", f"jobid={job}", "starttime=now"], check=True
+    )  # skip the requeue hold
     assert wait_for_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, 300) == "COMPLETED"
     assert job_field(job, "Restarts") == "1"
     log = (run_dir / "slurm" / f"job-{job}.log").read_text()
@@ -126,8 +192,16 @@ def test_a_sweep_file_runs_as_a_job_array(slurm, tmp_path: Path, home: Path) -> 
     sweep = tmp_path / "runs.txt"
     sweep.write_text("seed=1 task.lr=1e-4\nseed=2 task.lr=3e-4\n")
     run_dir = tmp_path / "sweep"
-    result = run_cli(*TINY_DCGAN, "++trainer.max_epochs=1", "logger=none", "launcher=slurm", "slurm.cpus_per_task=1",
-                     f"slurm.sweep_file={sweep}", f"hydra.run.dir={run_dir}", home=home)
+    result = run_cli(
+        *TINY_DCGAN,
+        "++trainer.max_epochs=1",
+        "logger=none",
+        "launcher=slurm",
+        "slurm.cpus_per_task=1",
+        f"slurm.sweep_file={sweep}",
+        f"hydra.run.dir={run_dir}",
+        home=home,
+    )
     job = submitted_job(result)
     deadline = time.monotonic() + 300
     while not all((run_dir / str(i) / "checkpoints" / "last.ckpt").exists() for i in (0, 1)):
@@ -135,7 +209,9 @@ def test_a_sweep_file_runs_as_a_job_array(slurm, tmp_path: Path, home: Path) -> 
         time.sleep(1)
     configs = [yaml.safe_load((run_dir / str(i) / "config.yaml").read_text()) for i in (0, 1)]
     assert [c["seed"] for c in configs] == [1, 2] and [c["task"]["lr"] for c in configs] == [1e-4, 3e-4]
-    assert {c["model"]["generator"]["width"] for c in configs} == {8}  # the submitting command's overrides too
+    assert {c["model"]["generator"]["width"] for c in configs} == {
+        8
+    }  # the submitting command's overrides too
     wait_until_gone(job, 120)
 
 
@@ -149,9 +225,19 @@ def wait_until_gone(job: str, timeout: float) -> None:
 
 def test_a_multirun_sweep_through_hydras_submitit_launcher(slurm, tmp_path: Path, home: Path) -> None:
     sweep_dir = tmp_path / "sweep"
-    result = run_cli("-m", *TINY_DCGAN, "++trainer.max_epochs=1", "logger=none", "hydra/launcher=submitit_slurm",
-                     "hydra.launcher.timeout_min=10", "hydra.launcher.cpus_per_task=1", "seed=1,2",
-                     f"hydra.sweep.dir={sweep_dir}", home=home, timeout=400)
+    result = run_cli(
+        "-m",
+        *TINY_DCGAN,
+        "++trainer.max_epochs=1",
+        "logger=none",
+        "hydra/launcher=submitit_slurm",
+        "hydra.launcher.timeout_min=10",
+        "hydra.launcher.cpus_per_task=1",
+        "seed=1,2",
+        f"hydra.sweep.dir={sweep_dir}",
+        home=home,
+        timeout=400,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     for trial in ("0", "1"):
         assert (sweep_dir / trial / "checkpoints" / "last.ckpt").is_file()
@@ -162,10 +248,21 @@ def test_a_multirun_sweep_through_hydras_submitit_launcher(slurm, tmp_path: Path
 
 def test_an_optuna_sweep_runs_each_batch_of_trials_as_a_job_array(slurm, tmp_path: Path, home: Path) -> None:
     sweep_dir = tmp_path / "sweep"
-    result = run_cli("-m", *TINY_DCGAN, "++trainer.max_epochs=1", "logger=none", "hparams_search=dcgan_optuna",
-                     "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2", "hydra/launcher=submitit_slurm",
-                     "hydra.launcher.timeout_min=10", "hydra.launcher.cpus_per_task=1",
-                     f"hydra.sweep.dir={sweep_dir}", home=home, timeout=400)
+    result = run_cli(
+        "-m",
+        *TINY_DCGAN,
+        "++trainer.max_epochs=1",
+        "logger=none",
+        "hparams_search=dcgan_optuna",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.n_jobs=2",
+        "hydra/launcher=submitit_slurm",
+        "hydra.launcher.timeout_min=10",
+        "hydra.launcher.cpus_per_task=1",
+        f"hydra.sweep.dir={sweep_dir}",
+        home=home,
+        timeout=400,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     for trial in ("0", "1"):
         assert json.loads((sweep_dir / trial / "trial.json").read_text())["status"] == "completed"
@@ -176,13 +273,25 @@ def test_an_optuna_sweep_runs_each_batch_of_trials_as_a_job_array(slurm, tmp_pat
     assert best["trial"] in ("0", "1") and "trial" in (sweep_dir / "results.csv").read_text()
 
 
-def test_a_tune_sweep_runs_as_one_job_on_a_ray_cluster_in_the_allocation(slurm, tmp_path: Path,
-                                                                         home: Path) -> None:
+def test_a_tune_sweep_runs_as_one_job_on_a_ray_cluster_in_the_allocation(
+    slurm, tmp_path: Path, home: Path
+) -> None:
     run_dir = tmp_path / "sweep"
     # Each trial a two-worker Ray Train run (DDP), one trial at a time on the job's two CPUs.
-    result = run_cli(*TINY_DCGAN, "++trainer.max_epochs=1", "logger=none", "hparams_search=dcgan_asha",
-                     "tune.num_samples=2", "tune.scheduler=fifo", "tune.workers_per_trial=2", "tune.max_concurrent=1",
-                     "launcher=slurm", "slurm.ray_head_ip=127.0.0.1", f"hydra.run.dir={run_dir}", home=home)
+    result = run_cli(
+        *TINY_DCGAN,
+        "++trainer.max_epochs=1",
+        "logger=none",
+        "hparams_search=dcgan_asha",
+        "tune.num_samples=2",
+        "tune.scheduler=fifo",
+        "tune.workers_per_trial=2",
+        "tune.max_concurrent=1",
+        "launcher=slurm",
+        "slurm.ray_head_ip=127.0.0.1",
+        f"hydra.run.dir={run_dir}",
+        home=home,
+    )
     job = submitted_job(result)
     state = wait_for_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 400)
     log = (run_dir / "slurm" / f"job-{job}.log").read_text()

@@ -26,11 +26,19 @@ def wandb_run(run_dir: Path):
 
 
 def test_an_optuna_sweep_gives_each_trial_its_run_dir_and_wandb_run_and_ends_with_the_best(
-        tmp_path: Path, home: Path) -> None:
+    tmp_path: Path, home: Path
+) -> None:
     sweep_dir = tmp_path / "sweep"
-    result = run_cli("-m", "+exp=dcgan", "hparams_search=dcgan_optuna", "hydra.sweeper.n_trials=2",
-                     "++trainer.max_epochs=1", "++trainer.limit_train_batches=3", f"hydra.sweep.dir={sweep_dir}",
-                     home=home)
+    result = run_cli(
+        "-m",
+        "+exp=dcgan",
+        "hparams_search=dcgan_optuna",
+        "hydra.sweeper.n_trials=2",
+        "++trainer.max_epochs=1",
+        "++trainer.limit_train_batches=3",
+        f"hydra.sweep.dir={sweep_dir}",
+        home=home,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
     trials = {}
@@ -50,7 +58,9 @@ def test_an_optuna_sweep_gives_each_trial_its_run_dir_and_wandb_run_and_ends_wit
     assert best["trial"] == best_name and best["value"] == trials[best_name][0] and best["mode"] == "min"
     assert best["params"]["task.lr"] == trials[best_name][1]["task"]["lr"]
     assert yaml.safe_load((sweep_dir / "best_config.yaml").read_text()) == trials[best_name][1]
-    assert yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())["best_value"] == best["value"]
+    assert (
+        yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())["best_value"] == best["value"]
+    )
 
     rows = (sweep_dir / "results.csv").read_text().splitlines()
     assert rows[0].split(",")[:2] == ["trial", "task.lr"] and len(rows) == 3
@@ -61,19 +71,35 @@ def test_an_optuna_sweep_gives_each_trial_its_run_dir_and_wandb_run_and_ends_wit
 
 def test_a_diverged_trial_is_recorded_and_the_sweep_goes_on(tmp_path: Path, home: Path) -> None:
     sweep_dir = tmp_path / "sweep"
-    result = run_cli("-m", *TINY_DCGAN, "++trainer.max_epochs=1", "logger=none", "divergence.action=halt",
-                     "divergence.inject.step=null,2", f"hydra.sweep.dir={sweep_dir}", home=home)
+    result = run_cli(
+        "-m",
+        *TINY_DCGAN,
+        "++trainer.max_epochs=1",
+        "logger=none",
+        "divergence.action=halt",
+        "divergence.inject.step=null,2",
+        f"hydra.sweep.dir={sweep_dir}",
+        home=home,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((sweep_dir / "0" / "trial.json").read_text())["status"] == "completed"
     assert json.loads((sweep_dir / "1" / "trial.json").read_text()) == {"status": "diverged"}
     assert "error: divergence at step 2: non-finite gradients" in result.stderr
-    table = result.stdout[result.stdout.index("trial  divergence.inject.step"):]
+    table = result.stdout[result.stdout.index("trial  divergence.inject.step") :]
     assert "completed" in table and "diverged" in table
 
 
 def test_a_trial_without_its_metric_fails_with_the_reason(tmp_path: Path, home: Path) -> None:
-    result = run_cli("-m", *TINY_DCGAN, "++trainer.max_epochs=1", "logger=none", "monitor.metric=val/nope",
-                     "seed=1,2", f"hydra.sweep.dir={tmp_path / 'sweep'}", home=home)
+    result = run_cli(
+        "-m",
+        *TINY_DCGAN,
+        "++trainer.max_epochs=1",
+        "logger=none",
+        "monitor.metric=val/nope",
+        "seed=1,2",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        home=home,
+    )
     assert result.returncode != 0
     assert "error: monitor.metric=val/nope is never logged by the task (it logs [" in result.stderr
     record = json.loads((tmp_path / "sweep" / "0" / "trial.json").read_text())
@@ -82,28 +108,45 @@ def test_a_trial_without_its_metric_fails_with_the_reason(tmp_path: Path, home: 
 
 def test_hydra_sweep_syntax_becomes_a_tune_search_space() -> None:
     cfg = compose_config("+exp=dcgan")
-    space = search_space({"task.lr": "tag(log, interval(1e-4, 1e-2))", "task.beta1": "interval(0.1, 0.9)",
-                          "model.latent_dim": "int(interval(8, 64))", "model.generator.width": "choice(16, 32)",
-                          "data.batch_size": "range(16, 64, 16)", "seed": "7"}, cfg)
+    space = search_space(
+        {
+            "task.lr": "tag(log, interval(1e-4, 1e-2))",
+            "task.beta1": "interval(0.1, 0.9)",
+            "model.latent_dim": "int(interval(8, 64))",
+            "model.generator.width": "choice(16, 32)",
+            "data.batch_size": "range(16, 64, 16)",
+            "seed": "7",
+        },
+        cfg,
+    )
     assert isinstance(space["task.lr"], tune.search.sample.Float)
     assert isinstance(space["task.lr"].get_sampler(), tune.search.sample.LogUniform)
     assert (space["task.lr"].lower, space["task.lr"].upper) == (1e-4, 1e-2)
     assert not isinstance(space["task.beta1"].get_sampler(), tune.search.sample.LogUniform)
     assert isinstance(space["model.latent_dim"], tune.search.sample.Integer)
-    assert (space["model.latent_dim"].lower, space["model.latent_dim"].upper) == (8, 65)  # interval is inclusive
+    assert (space["model.latent_dim"].lower, space["model.latent_dim"].upper) == (
+        8,
+        65,
+    )  # interval is inclusive
     assert space["model.generator.width"].categories == [16, 32]
     assert space["data.batch_size"].categories == [16, 32, 48]
     assert space["seed"] == 7
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["+tune.params={task.lrr: 'interval(1, 2)'}"], "tune.params: task.lrr is not a key of the config"),
-    (["+tune.params={task.lr: 'interval(1,'}"], "tune.params.task.lr=interval(1, is not Hydra sweep syntax"),
-    (["+tune.params={task.lr: 'interval(1, 2)'}", "+tune.search=grid"], "tune.search=grid is not one of"),
-    (["+tune.params={task.lr: 'interval(1, 2)'}", "+tune.num_samples=0"], "tune.num_samples=0"),
-    (["+tune.params={task.lr: 'interval(1, 2)'}", "+tune.sampels=3"], "tune.sampels"),
-    (["+tune.params={}"], "tune.params is empty"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["+tune.params={task.lrr: 'interval(1, 2)'}"], "tune.params: task.lrr is not a key of the config"),
+        (
+            ["+tune.params={task.lr: 'interval(1,'}"],
+            "tune.params.task.lr=interval(1, is not Hydra sweep syntax",
+        ),
+        (["+tune.params={task.lr: 'interval(1, 2)'}", "+tune.search=grid"], "tune.search=grid is not one of"),
+        (["+tune.params={task.lr: 'interval(1, 2)'}", "+tune.num_samples=0"], "tune.num_samples=0"),
+        (["+tune.params={task.lr: 'interval(1, 2)'}", "+tune.sampels=3"], "tune.sampels"),
+        (["+tune.params={}"], "tune.params is empty"),
+    ],
+)
 def test_bad_tune_settings_are_refused_before_anything_starts(overrides: list[str], message: str) -> None:
     cfg = compose_config("+exp=dcgan", *overrides)
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace("[", r"\[")):
@@ -111,8 +154,12 @@ def test_bad_tune_settings_are_refused_before_anything_starts(overrides: list[st
 
 
 def test_the_best_trial_skips_unfinished_and_diverged_ones() -> None:
-    trials = [Trial("a", "a", "completed", 3.0), Trial("b", "b", "diverged", float("nan")),
-              Trial("c", "c", "running"), Trial("d", "d", "stopped early", 2.0)]
+    trials = [
+        Trial("a", "a", "completed", 3.0),
+        Trial("b", "b", "diverged", float("nan")),
+        Trial("c", "c", "running"),
+        Trial("d", "d", "stopped early", 2.0),
+    ]
     assert best_trial(trials, "min").name == "d" and best_trial(trials, "max").name == "a"
     assert best_trial(trials[1:3], "min") is None
 
@@ -122,12 +169,20 @@ TINY_TUNE = [*TINY_DCGAN, "hparams_search=dcgan_asha", "++trainer.max_epochs=3",
 
 def test_asha_stops_weak_trials_early_and_they_really_run_fewer_steps(tmp_path: Path, home: Path) -> None:
     run_dir = tmp_path / "sweep"
-    # One trial at a time, so that the order in which trials reach ASHA's rungs (and so its decisions) is fixed:
-    # with these seeds trial-00002 is behind at the first rung. Epochs long enough that a stop lands mid-run
-    # (Tune decides after the report, while training goes on).
-    result = run_cli(*TINY_TUNE, "++trainer.max_epochs=6", "++trainer.limit_train_batches=12", "tune.num_samples=3",
-                     "tune.max_concurrent=1", "tune.reduction_factor=3", f"hydra.run.dir={run_dir}", home=home,
-                     timeout=500)
+    # One trial at a time, so that the order in which trials reach ASHA's rungs (and so its decisions) is
+    # fixed: with these seeds trial-00002 is behind at the first rung. Epochs long enough that a stop lands
+    # mid-run (Tune decides after the report, while training goes on).
+    result = run_cli(
+        *TINY_TUNE,
+        "++trainer.max_epochs=6",
+        "++trainer.limit_train_batches=12",
+        "tune.num_samples=3",
+        "tune.max_concurrent=1",
+        "tune.reduction_factor=3",
+        f"hydra.run.dir={run_dir}",
+        home=home,
+        timeout=500,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     names = sorted(p.name for p in run_dir.glob("trial-*"))
     assert names == ["trial-00000", "trial-00001", "trial-00002"]  # deterministic names
@@ -154,8 +209,17 @@ def test_asha_stops_weak_trials_early_and_they_really_run_fewer_steps(tmp_path: 
 
 def test_tune_runs_trials_at_once(tmp_path: Path, home: Path) -> None:
     run_dir = tmp_path / "sweep"
-    result = run_cli(*TINY_TUNE, "++trainer.max_epochs=1", "logger=none", "tune.scheduler=fifo", "tune.num_samples=2",
-                     "tune.max_concurrent=2", f"hydra.run.dir={run_dir}", home=home, timeout=400)
+    result = run_cli(
+        *TINY_TUNE,
+        "++trainer.max_epochs=1",
+        "logger=none",
+        "tune.scheduler=fifo",
+        "tune.num_samples=2",
+        "tune.max_concurrent=2",
+        f"hydra.run.dir={run_dir}",
+        home=home,
+        timeout=400,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     events = re.findall(r"Trial (trial-\d+) (started|completed)", result.stdout)
     first_done = next(i for i, (_, what) in enumerate(events) if what == "completed")
@@ -166,13 +230,27 @@ def test_tune_runs_trials_at_once(tmp_path: Path, home: Path) -> None:
 
 def test_an_interrupted_tune_sweep_resumes_where_it_stopped(tmp_path: Path, home: Path) -> None:
     run_dir = tmp_path / "sweep"
-    args = [sys.executable, "-m", "trainer", *TINY_TUNE, "++trainer.limit_train_batches=8", "tune.scheduler=fifo",
-            "tune.num_samples=3", "tune.max_concurrent=1", f"hydra.run.dir={run_dir}"]
-    first = subprocess.Popen(args, cwd=REPO, env=cli_env(home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True)
+    args = [
+        sys.executable,
+        "-m",
+        "trainer",
+        *TINY_TUNE,
+        "++trainer.limit_train_batches=8",
+        "tune.scheduler=fifo",
+        "tune.num_samples=3",
+        "tune.max_concurrent=1",
+        f"hydra.run.dir={run_dir}",
+    ]
+    first = subprocess.Popen(
+        args, cwd=REPO, env=cli_env(home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     deadline = time.monotonic() + 300
-    while not (run_dir / "trial-00001" / "checkpoints" / "last.ckpt").exists():  # trial 0 done, trial 1 under way
-        assert time.monotonic() < deadline and first.poll() is None, "the sweep did not reach its second trial"
+    while not (
+        run_dir / "trial-00001" / "checkpoints" / "last.ckpt"
+    ).exists():  # trial 0 done, trial 1 under way
+        assert time.monotonic() < deadline and first.poll() is None, (
+            "the sweep did not reach its second trial"
+        )
         time.sleep(0.2)
     first.send_signal(signal.SIGINT)  # Ctrl-C
     output = first.communicate(timeout=120)[0]
@@ -197,7 +275,11 @@ def test_an_interrupted_tune_sweep_resumes_where_it_stopped(tmp_path: Path, home
 
 
 def test_a_tune_sweep_outside_ray_is_refused_with_the_fix(tmp_path: Path, home: Path) -> None:
-    result = run_cli("+exp=dcgan", "hparams_search=dcgan_asha", "launcher=local", f"hydra.run.dir={tmp_path}",
-                     home=home)
+    result = run_cli(
+        "+exp=dcgan", "hparams_search=dcgan_asha", "launcher=local", f"hydra.run.dir={tmp_path}", home=home
+    )
     assert result.returncode == 2
-    assert "error: mode=tune is a Ray Tune sweep and runs on Ray: use launcher=ray or launcher=slurm" in result.stderr
+    assert (
+        "error: mode=tune is a Ray Tune sweep and runs on Ray: use launcher=ray or launcher=slurm"
+        in result.stderr
+    )

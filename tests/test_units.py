@@ -26,7 +26,13 @@ def test_dcgan_refuses_sizes_that_are_not_powers_of_two() -> None:
 
 
 def test_dcgan_init_follows_the_paper() -> None:
-    weights = torch.cat([m.weight.flatten() for m in Generator(100, 64, 3).modules() if isinstance(m, torch.nn.ConvTranspose2d)])
+    weights = torch.cat(
+        [
+            m.weight.flatten()
+            for m in Generator(100, 64, 3).modules()
+            if isinstance(m, torch.nn.ConvTranspose2d)
+        ]
+    )
     assert abs(weights.mean().item()) < 1e-3 and abs(weights.std().item() - 0.02) < 1e-3
 
 
@@ -83,7 +89,9 @@ def test_per_layer_norms_equal_the_norms_of_each_layers_tensors() -> None:
     grads = [p.grad for p in model.parameters()]  # weight and bias of layer 0, then of layer 2
     norms = per_layer_norms(grads, torch.tensor([0, 0, 1, 1]), 2).tolist()
     for position, index in enumerate((0, 2)):
-        expected = torch.cat([model[index].weight.grad.flatten(), model[index].bias.grad.flatten()]).norm().item()
+        expected = (
+            torch.cat([model[index].weight.grad.flatten(), model[index].bias.grad.flatten()]).norm().item()
+        )
         assert norms[position] == pytest.approx(expected, rel=1e-6)
     total = torch.cat([g.flatten() for g in grads]).norm().item()
     assert norms[2] == pytest.approx(total, rel=1e-6)

@@ -139,7 +139,7 @@ def test_damaged_files(runs: list[OfflineRun], tmp_path: Path) -> None:
     flipped = bytearray(data)
     flipped[1000] ^= 0xFF
     bad.write_bytes(bytes(flipped))
-    with pytest.raises(WandbLogError, match="corrupt|truncated"):
+    with pytest.raises(WandbLogError, match=r"corrupt|truncated"):
         read_run(bad)
 
     bad.write_bytes(b"not a wandb file")

@@ -29,7 +29,8 @@ def config_dir() -> str:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    """One run; in a multirun (`-m`), one trial, which returns the best value of `monitor.metric` to the sweeper."""
+    """One run; in a multirun (`-m`), one trial, which returns the best value of `monitor.metric` to the
+    sweeper."""
     from trainer.config import build
     from trainer.divergence.guard import DivergenceHalt
     from trainer.sweeps import sweep_group
@@ -57,17 +58,24 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def sweep_objective(cfg: DictConfig, metrics: dict[str, Any]) -> float:
-    """What a trial hands the sweeper: the best value of `monitor.metric`, the one the best checkpoint holds."""
+    """What a trial hands the sweeper: the best value of `monitor.metric`, the one the best checkpoint
+    holds."""
     metric = cfg.monitor.metric
     if metric is None:
-        raise UserError("a sweep optimizes monitor.metric, which is not set: set monitor.metric and monitor.mode "
-                        "(the hparams_search configs do)")
+        raise UserError(
+            "a sweep optimizes monitor.metric, which is not set: set monitor.metric and monitor.mode "
+            "(the hparams_search configs do)"
+        )
     if "job_id" in metrics:
-        raise UserError("launcher=slurm submits and returns at once, with nothing to hand the sweeper: "
-                        "sweep on SLURM with hydra/launcher=submitit_slurm")
+        raise UserError(
+            "launcher=slurm submits and returns at once, with nothing to hand the sweeper: "
+            "sweep on SLURM with hydra/launcher=submitit_slurm"
+        )
     if metric not in metrics:
-        raise UserError(f"the trial has no value of monitor.metric={metric} to return (it logged "
-                        f"{', '.join(sorted(metrics)) or 'nothing'}): check that validation runs")
+        raise UserError(
+            f"the trial has no value of monitor.metric={metric} to return (it logged "
+            f"{', '.join(sorted(metrics)) or 'nothing'}): check that validation runs"
+        )
     return float(metrics[metric]["best"])
 
 
@@ -111,7 +119,9 @@ def unknown_choice(args: list[str], roots: list[Path]) -> str | None:
 
 def one_line(error: BaseException) -> str:
     """The user-facing line, also when the error was re-raised from a DataLoader worker."""
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()] or [type(error).__name__]
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()] or [
+        type(error).__name__
+    ]
     if len(lines) > 1 and "Traceback" in str(error):
         return lines[-1].split("UserError: ", 1)[-1]
     return lines[0].split("\n    full_key:")[0]

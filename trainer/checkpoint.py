@@ -1,4 +1,5 @@
-"""Checkpoint files: atomic writes, loads that run no pickled code, and which checkpoint a run resumes from."""
+"""Checkpoint files: atomic writes, loads that run no pickled code, and which checkpoint a run resumes
+from."""
 
 import os
 import time
@@ -15,13 +16,16 @@ FIX = "pass a good checkpoint with ckpt_path=PATH, or start fresh with resume=ne
 
 class SafeCheckpointIO(TorchCheckpointIO):
     """Writes to a temporary file, fsyncs, then renames over the target: a crash mid-save leaves the previous
-    checkpoint intact. Loads with `weights_only=True` and checks the tensors against the model being trained."""
+    checkpoint intact. Loads with `weights_only=True` and checks the tensors against the model being
+    trained."""
 
     def __init__(self, expected_shapes: dict[str, torch.Size] | None = None):
         super().__init__()
         self.expected_shapes = expected_shapes
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
+    ) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -39,7 +43,9 @@ class SafeCheckpointIO(TorchCheckpointIO):
         finally:
             os.close(dir_fd)
 
-    def load_checkpoint(self, path: str | Path, map_location: Any = None, weights_only: bool | None = None) -> dict:
+    def load_checkpoint(
+        self, path: str | Path, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict:
         checkpoint = load_checkpoint_file(path)
         if self.expected_shapes is not None:
             check_matches_model(checkpoint, self.expected_shapes, path)
@@ -61,7 +67,9 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
-def check_matches_model(checkpoint: dict[str, Any], expected: dict[str, torch.Size], path: str | Path) -> None:
+def check_matches_model(
+    checkpoint: dict[str, Any], expected: dict[str, torch.Size], path: str | Path
+) -> None:
     saved = {k: v.shape for k, v in checkpoint["state_dict"].items()}
     missing = sorted(expected.keys() - saved.keys())
     unexpected = sorted(saved.keys() - expected.keys())
@@ -75,9 +83,13 @@ def check_matches_model(checkpoint: dict[str, Any], expected: dict[str, torch.Si
         problems.append(f"{len(unexpected)} unknown tensors (e.g. {unexpected[0]})")
     if reshaped:
         k = sorted(reshaped)[0]
-        problems.append(f"{len(reshaped)} of other shape (e.g. {k}: {tuple(saved[k])} vs {tuple(expected[k])})")
-    raise UserError(f"checkpoint {path} is of another model ({'; '.join(problems)}): use the same task and "
-                    f"model config as the run that wrote it, or {FIX}")
+        problems.append(
+            f"{len(reshaped)} of other shape (e.g. {k}: {tuple(saved[k])} vs {tuple(expected[k])})"
+        )
+    raise UserError(
+        f"checkpoint {path} is of another model ({'; '.join(problems)}): use the same task and "
+        f"model config as the run that wrote it, or {FIX}"
+    )
 
 
 def resume_checkpoint(run_dir: Path, resume: str, ckpt_path: str | None, keep_old: bool = True) -> str | None:

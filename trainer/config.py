@@ -14,8 +14,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from hydra.errors import InstantiationException
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 from hydra.utils import get_object, instantiate
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from trainer.errors import UserError
@@ -26,7 +26,9 @@ def build(node: DictConfig, where: str, **kwargs: Any) -> Any:
     try:
         obj = get_object(target)
     except Exception:
-        raise UserError(f"{where}._target_={target} cannot be imported: check the module and class name") from None
+        raise UserError(
+            f"{where}._target_={target} cannot be imported: check the module and class name"
+        ) from None
     check_arguments(obj, node, where)
     try:
         return instantiate(node, **kwargs, _convert_="all")

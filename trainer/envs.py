@@ -32,8 +32,10 @@ class SensorNoise(gym.ObservationWrapper):
     def __init__(self, env: gym.Env, std: float = 0.0, fault_prob: float = 0.0, fault_steps: int = 1):
         super().__init__(env)
         if std < 0 or not 0 <= fault_prob <= 1 or fault_steps < 1:
-            raise UserError(f"env.sensor_noise: std={std}, fault_prob={fault_prob}, fault_steps={fault_steps} "
-                            "is not valid: use std >= 0, 0 <= fault_prob <= 1, fault_steps >= 1")
+            raise UserError(
+                f"env.sensor_noise: std={std}, fault_prob={fault_prob}, fault_steps={fault_steps} "
+                "is not valid: use std >= 0, 0 <= fault_prob <= 1, fault_steps >= 1"
+            )
         self.std, self.fault_prob, self.fault_steps = std, fault_prob, fault_steps
         self.rng = np.random.default_rng()
         self.fault_left = np.zeros(env.observation_space.shape, dtype=np.int64)
@@ -45,10 +47,14 @@ class SensorNoise(gym.ObservationWrapper):
         return super().reset(seed=seed, options=options)
 
     def observation(self, observation: np.ndarray) -> np.ndarray:
-        noisy = observation + self.std * self.rng.standard_normal(observation.shape) if self.std else observation
+        noisy = (
+            observation + self.std * self.rng.standard_normal(observation.shape) if self.std else observation
+        )
         if self.fault_prob:
             healthy = self.fault_left == 0
-            self.fault_left[healthy & (self.rng.random(observation.shape) < self.fault_prob)] = self.fault_steps
+            self.fault_left[healthy & (self.rng.random(observation.shape) < self.fault_prob)] = (
+                self.fault_steps
+            )
             noisy = np.where(self.fault_left > 0, 0.0, noisy)
             self.fault_left = np.maximum(self.fault_left - 1, 0)
         return noisy.astype(observation.dtype, copy=False)
@@ -72,17 +78,25 @@ class EnvSpec:
         self.observation_space, self.action_space = env.observation_space, env.action_space
         env.close()
         if not isinstance(self.observation_space, gym.spaces.Box) or len(self.observation_space.shape) != 1:
-            raise UserError(f"env.id={id} has observations {self.observation_space}: the RL tasks take a flat "
-                            "Box (a vector of numbers); flatten it with a gymnasium wrapper in env.kwargs' env")
+            raise UserError(
+                f"env.id={id} has observations {self.observation_space}: the RL tasks take a flat "
+                "Box (a vector of numbers); flatten it with a gymnasium wrapper in env.kwargs' env"
+            )
 
     def make(self, noise: dict[str, Any] | None = None, render_mode: str | None = None) -> gym.Env:
         try:
-            env = gym.make(self.id, max_episode_steps=self.max_episode_steps, render_mode=render_mode, **self.kwargs)
+            env = gym.make(
+                self.id, max_episode_steps=self.max_episode_steps, render_mode=render_mode, **self.kwargs
+            )
         except gym.error.Error as e:
             if self.id in gym.registry:
                 raise UserError(f"env.id={self.id}: {e}") from None
             close = difflib.get_close_matches(self.id, list(gym.registry), n=3)
-            hint = f"did you mean {' or '.join(close)}?" if close else "e.g. CartPole-v1, Acrobot-v1, Pendulum-v1"
+            hint = (
+                f"did you mean {' or '.join(close)}?"
+                if close
+                else "e.g. CartPole-v1, Acrobot-v1, Pendulum-v1"
+            )
             raise UserError(f"env.id={self.id} is not a registered gymnasium environment: {hint}") from None
         except TypeError as e:
             raise UserError(f"env.kwargs do not fit {self.id}: {e}") from None
@@ -91,8 +105,9 @@ class EnvSpec:
 
     def make_vector(self, num_envs: int, evaluation: bool = False) -> gym.vector.VectorEnv:
         noise = self.eval_sensor_noise if evaluation else self.sensor_noise
-        envs = gym.vector.SyncVectorEnv([lambda: self.make(noise) for _ in range(num_envs)],
-                                        autoreset_mode=AutoresetMode.SAME_STEP)
+        envs = gym.vector.SyncVectorEnv(
+            [lambda: self.make(noise) for _ in range(num_envs)], autoreset_mode=AutoresetMode.SAME_STEP
+        )
         return gym.wrappers.vector.RecordEpisodeStatistics(envs)
 
     @property
@@ -158,8 +173,14 @@ def env_seeds(seed: int, rank: int, env_steps: int, count: int) -> list[int]:
     return np.random.SeedSequence([seed, rank, env_steps]).generate_state(count).tolist()
 
 
-def render_episode(spec: EnvSpec, policy: Callable[[np.ndarray], np.ndarray], seed: int, path: Path,
-                   max_frames: int = 300, fps: int = 30) -> Path | None:
+def render_episode(
+    spec: EnvSpec,
+    policy: Callable[[np.ndarray], np.ndarray],
+    seed: int,
+    path: Path,
+    max_frames: int = 300,
+    fps: int = 30,
+) -> Path | None:
     """Plays one greedy episode with rendering off screen and writes it as a GIF; None where the env cannot
     render to an array (no pygame, or an env without rgb_array)."""
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # pygame draws off screen, no display needed

@@ -1,4 +1,5 @@
-"""Image grids for logging: built with plain torch (torchvision is optional), saved as PNG, sent to loggers."""
+"""Image grids for logging: built with plain torch (torchvision is optional), saved as PNG, sent to
+loggers."""
 
 from pathlib import Path
 
@@ -25,7 +26,11 @@ def make_grid(images: torch.Tensor, columns: int = 8, padding: int = 2) -> np.nd
 def log_image_grid(trainer: L.Trainer, key: str, images: torch.Tensor) -> Path:
     """Saves the grid under <run dir>/samples/ and sends it to every logger that takes images."""
     grid = make_grid(images)
-    path = Path(trainer.default_root_dir) / "samples" / f"{key.replace('/', '_')}_epoch{trainer.current_epoch:03d}.png"
+    path = (
+        Path(trainer.default_root_dir)
+        / "samples"
+        / f"{key.replace('/', '_')}_epoch{trainer.current_epoch:03d}.png"
+    )
     if trainer.is_global_zero:
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid).save(path)

@@ -74,8 +74,16 @@ def wandb_logger(
         mode=mode,
         log_model=log_checkpoints,
     )
-    _write_pointer(pointer, {"id": run_id, "project": project, "entity": entity, "mode": mode,
-                             "dir": str(Path(run_dir) / "wandb")})
+    _write_pointer(
+        pointer,
+        {
+            "id": run_id,
+            "project": project,
+            "entity": entity,
+            "mode": mode,
+            "dir": str(Path(run_dir) / "wandb"),
+        },
+    )
     return logger
 
 

@@ -45,7 +45,9 @@ class ReplayProbe(L.Callback):
         self.recording = True  # only the replayed step: not the epoch-end work that follows it
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        lr_factor = self.bundle["detection"].get("lr_factor", 1.0)  # after rollbacks the guard scaled the rates
+        lr_factor = self.bundle["detection"].get(
+            "lr_factor", 1.0
+        )  # after rollbacks the guard scaled the rates
         for optimizer, state in zip(trainer.optimizers, self.bundle["optimizer_states"], strict=True):
             optimizer.load_state_dict(state)
             for group in optimizer.param_groups:
@@ -78,8 +80,9 @@ class ReplayProbe(L.Callback):
 
         return hook
 
-    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
-                                 optimizer: torch.optim.Optimizer) -> None:
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
         layers = params_by_layer(optimizer, {p: layer_name(n) for n, p in pl_module.named_parameters()})
         params = [p for ps in layers.values() for p in ps]
         if not params:
@@ -91,7 +94,9 @@ class ReplayProbe(L.Callback):
         self.param_norms.update(zip(layers, weights))
         self.network_norms[f"grad_norm/{next(iter(layers)).split('.', 1)[0]}"] = grads[-1]
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any
+    ) -> None:
         report = step_report(pl_module, outputs)
         self.losses = {k: float(v) for k, v in report.losses.items()} if report is not None else {}
         self.recording = False
@@ -104,16 +109,26 @@ class ReplayProbe(L.Callback):
         return None
 
     def fastest_growing(self) -> str | None:
-        ratios = {k: g / max(self.param_norms[k], 1e-12) for k, g in self.grad_norms.items() if math.isfinite(g)}
+        ratios = {
+            k: g / max(self.param_norms[k], 1e-12) for k, g in self.grad_norms.items() if math.isfinite(g)
+        }
         return max(ratios, key=ratios.get) if ratios else None
 
     def nonfinite(self) -> bool:
-        return (self.first_nonfinite_output is not None or self.first_nonfinite_gradient() is not None
-                or any(not math.isfinite(v) for v in self.losses.values()))
+        return (
+            self.first_nonfinite_output is not None
+            or self.first_nonfinite_gradient() is not None
+            or any(not math.isfinite(v) for v in self.losses.values())
+        )
 
 
-def replay(path: str, lr: float | None = None, clip: float | None = None, precision: str = "32-true",
-           device: str = "cpu") -> tuple[bool, ReplayProbe, dict[str, Any]]:
+def replay(
+    path: str,
+    lr: float | None = None,
+    clip: float | None = None,
+    precision: str = "32-true",
+    device: str = "cpu",
+) -> tuple[bool, ReplayProbe, dict[str, Any]]:
     """Re-runs the bundle's step; returns (reproduced, the probe with its readings, the bundle)."""
     from trainer.run import build_task
 
@@ -127,9 +142,19 @@ def replay(path: str, lr: float | None = None, clip: float | None = None, precis
     probe = ReplayProbe(bundle, lr, clip)
     with tempfile.TemporaryDirectory(prefix="trainer-replay-") as scratch:
         trainer = L.Trainer(
-            accelerator=device, devices=1, precision=precision, max_epochs=1, limit_train_batches=1,
-            limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, callbacks=[probe], default_root_dir=scratch,
+            accelerator=device,
+            devices=1,
+            precision=precision,
+            max_epochs=1,
+            limit_train_batches=1,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[probe],
+            default_root_dir=scratch,
         )
         batches = torch.utils.data.DataLoader([bundle["batch"]], batch_size=None)
         trainer.fit(module, train_dataloaders=batches)
@@ -145,21 +170,33 @@ def replay(path: str, lr: float | None = None, clip: float | None = None, precis
 def draw_replay(path: Path, reproduced: bool, probe: ReplayProbe, bundle: dict[str, Any]) -> Path:
     """The event's picture with this replay's per-layer gradient norms."""
     detection = bundle["detection"]
-    title = (f"replay of step {detection['step']} ({'reproduced' if reproduced else 'did not reproduce'}): "
-             f"{detection['reason']}")
-    return draw_event(path, title, bundle["history"], detection["step"], probe.grad_norms,
-                      "gradient norm per layer in the replay")
+    title = (
+        f"replay of step {detection['step']} ({'reproduced' if reproduced else 'did not reproduce'}): "
+        f"{detection['reason']}"
+    )
+    return draw_event(
+        path,
+        title,
+        bundle["history"],
+        detection["step"],
+        probe.grad_norms,
+        "gradient norm per layer in the replay",
+    )
 
 
 def report(reproduced: bool, probe: ReplayProbe, bundle: dict[str, Any], fix: str) -> str:
     detection = bundle["detection"]
-    lines = [f"bundle: step {detection['step']} (epoch {bundle['epoch']}, batch {bundle['batch_idx']}): "
-             f"{detection['reason']}"]
+    lines = [
+        f"bundle: step {detection['step']} (epoch {bundle['epoch']}, batch {bundle['batch_idx']}): "
+        f"{detection['reason']}"
+    ]
     lines.append(f"replayed on this machine{fix}: " + ("reproduced" if reproduced else "did not reproduce"))
     if probe.first_nonfinite_output:
         lines.append(f"first layer with a non-finite output: {probe.first_nonfinite_output}")
     if probe.first_nonfinite_gradient():
-        lines.append(f"first layer with a non-finite gradient (from the loss back): {probe.first_nonfinite_gradient()}")
+        lines.append(
+            f"first layer with a non-finite gradient (from the loss back): {probe.first_nonfinite_gradient()}"
+        )
     if not probe.nonfinite() and probe.fastest_growing():
         lines.append(f"layer with the largest gradient for its weights: {probe.fastest_growing()}")
     lines.append("losses: " + ", ".join(f"{k}={v:.4g}" for k, v in probe.losses.items()))
@@ -189,7 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(report(reproduced, probe, bundle, fix))
     folder = Path(args.bundle) if Path(args.bundle).is_dir() else Path(args.bundle).parent
-    picture = folder / "replay.png" if os.access(folder, os.W_OK) else Path.cwd() / f"replay-{folder.name}.png"
+    picture = (
+        folder / "replay.png" if os.access(folder, os.W_OK) else Path.cwd() / f"replay-{folder.name}.png"
+    )
     print(f"picture: {draw_replay(picture, reproduced, probe, bundle)}")
     return 0
 

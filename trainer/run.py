@@ -48,7 +48,9 @@ def train(
         cfg = lr_find_config(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule, module = build_task(cfg)
-    ckpt_path = ckpt_path or resume_checkpoint(run_dir, cfg.resume, cfg.ckpt_path, keep_old=rank_zero_only.rank == 0)
+    ckpt_path = ckpt_path or resume_checkpoint(
+        run_dir, cfg.resume, cfg.ckpt_path, keep_old=rank_zero_only.rank == 0
+    )
     pl_trainer, metrics_file = build_trainer(cfg, module, strategy=strategy, plugins=plugins)
     if prepare is not None:
         pl_trainer = prepare(pl_trainer)
@@ -91,18 +93,27 @@ def build_trainer(
     """Lightning's Trainer with the configured callbacks and loggers, plus what every run needs: metrics.json,
     RNG state in checkpoints, the best checkpoint of `monitor.metric`, and safe checkpoint files."""
     run_dir = Path(cfg.run_dir)
-    callbacks = [build(node, f"callbacks.{name}") for name, node in (cfg.callbacks or {}).items()
-                 if _is_buildable(node)]
+    callbacks = [
+        build(node, f"callbacks.{name}")
+        for name, node in (cfg.callbacks or {}).items()
+        if _is_buildable(node)
+    ]
     metrics_file = MetricsFile(run_dir / "metrics.json")
     if cfg.monitor.metric:
         metrics_file.modes[cfg.monitor.metric] = cfg.monitor.mode
         callbacks.append(BestCheckpoint(run_dir, cfg.monitor.metric, cfg.monitor.mode))
-    loggers = [build(node, f"logger.{name}") for name, node in (cfg.logger or {}).items() if _is_buildable(node)]
+    loggers = [
+        build(node, f"logger.{name}") for name, node in (cfg.logger or {}).items() if _is_buildable(node)
+    ]
     # The guard goes first: at the end of a bad batch it must act before any checkpoint is written.
     callbacks = divergence_callbacks(OmegaConf.to_container(cfg.divergence, resolve=True)) + callbacks
     if cfg.mode == "lr_find":
-        callbacks.append(build(OmegaConf.create({"_target_": f"{LRRangeTest.__module__}.LRRangeTest", **cfg.lr_find}),
-                               "lr_find"))
+        callbacks.append(
+            build(
+                OmegaConf.create({"_target_": f"{LRRangeTest.__module__}.LRRangeTest", **cfg.lr_find}),
+                "lr_find",
+            )
+        )
     if not plugins and SLURMEnvironment.detect():
         plugins = [SLURMEnvironment(auto_requeue=False)]  # requeueing is the Preemption callback's job
     pl_trainer = build(
@@ -111,7 +122,10 @@ def build_trainer(
         default_root_dir=str(run_dir),
         callbacks=[*callbacks, metrics_file, RNGState(cfg.seed)],
         logger=loggers or False,
-        plugins=[SafeCheckpointIO(expected_shapes={k: v.shape for k, v in module.state_dict().items()}), *plugins],
+        plugins=[
+            SafeCheckpointIO(expected_shapes={k: v.shape for k, v in module.state_dict().items()}),
+            *plugins,
+        ],
         **({"strategy": strategy} if strategy is not None else {}),
     )
     return pl_trainer, metrics_file

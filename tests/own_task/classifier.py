@@ -28,13 +28,21 @@ class DigitVectors(L.LightningDataModule):
         digits = load_digits()
         inputs, labels = torch.tensor(digits.data / 16, dtype=torch.float32), torch.tensor(digits.target)
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.seed))
-        val, train = order[: int(self.val_fraction * len(order))], order[int(self.val_fraction * len(order)) :]
+        val, train = (
+            order[: int(self.val_fraction * len(order))],
+            order[int(self.val_fraction * len(order)) :],
+        )
         self.train_set = TensorDataset(inputs[train], labels[train])
         self.val_set = TensorDataset(inputs[val], labels[val])
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, self.batch_size, shuffle=True, drop_last=True,
-                          generator=torch.Generator().manual_seed(self.seed))
+        return DataLoader(
+            self.train_set,
+            self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=len(self.val_set))

@@ -16,12 +16,20 @@ class BestCheckpoint(ModelCheckpoint):
     def __init__(self, run_dir: Path, metric: str, mode: str):
         if mode not in ("min", "max"):
             raise UserError(f"monitor.mode={mode} is not an option: use min or max")
-        super().__init__(dirpath=run_dir / "checkpoints", filename="best-epoch{epoch:03d}-step{step:06d}",
-                         auto_insert_metric_name=False, monitor=metric, mode=mode, save_top_k=1)
+        super().__init__(
+            dirpath=run_dir / "checkpoints",
+            filename="best-epoch{epoch:03d}-step{step:06d}",
+            auto_insert_metric_name=False,
+            monitor=metric,
+            mode=mode,
+            save_top_k=1,
+        )
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking and self.monitor not in trainer.callback_metrics:
             logged = sorted(trainer.callback_metrics)
-            raise UserError(f"monitor.metric={self.monitor} is never logged by the task (it logs {logged}): "
-                            "set monitor.metric to one of those")
+            raise UserError(
+                f"monitor.metric={self.monitor} is never logged by the task (it logs {logged}): "
+                "set monitor.metric to one of those"
+            )
         super().on_validation_end(trainer, pl_module)

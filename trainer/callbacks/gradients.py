@@ -23,8 +23,9 @@ def layer_name(param_name: str) -> str:
     return param_name.rpartition(".")[0] or param_name
 
 
-def params_by_layer(optimizer: torch.optim.Optimizer,
-                    layer_of: dict[torch.nn.Parameter, str]) -> dict[str, list[torch.nn.Parameter]]:
+def params_by_layer(
+    optimizer: torch.optim.Optimizer, layer_of: dict[torch.nn.Parameter, str]
+) -> dict[str, list[torch.nn.Parameter]]:
     """The optimizer's parameters that have a gradient, grouped by layer name."""
     layers: dict[str, list[torch.nn.Parameter]] = defaultdict(list)
     for group in optimizer.param_groups:
@@ -41,7 +42,8 @@ def layer_owners(layers: dict[str, list[torch.nn.Parameter]], device: torch.devi
 
 
 def per_layer_norms(tensors: list[torch.Tensor], owners: torch.Tensor, num_layers: int) -> torch.Tensor:
-    """L2 norm per layer of tensors grouped by `owners` (layer index per tensor), plus the total at the end."""
+    """L2 norm per layer of tensors grouped by `owners` (layer index per tensor), plus the total at the
+    end."""
     norms = torch.stack(torch._foreach_norm(tensors)).float()
     per_layer = torch.zeros(num_layers, device=norms.device).index_add_(0, owners, norms.square()).sqrt()
     return torch.cat([per_layer, per_layer.square().sum().sqrt().view(1)])
@@ -50,14 +52,17 @@ def per_layer_norms(tensors: list[torch.Tensor], owners: torch.Tensor, num_layer
 class GradientMonitor(L.Callback):
     def __init__(self, log_every_n_steps: int = 50, histogram_every_n_steps: int = 500, bins: int = 64):
         if log_every_n_steps < 1 or histogram_every_n_steps < 0:
-            raise ValueError("log_every_n_steps must be >= 1 and histogram_every_n_steps >= 0 (0 turns them off)")
+            raise ValueError(
+                "log_every_n_steps must be >= 1 and histogram_every_n_steps >= 0 (0 turns them off)"
+            )
         self.log_every_n_steps = log_every_n_steps
         self.histogram_every_n_steps = histogram_every_n_steps
         self.bins = bins
         self._names: dict[torch.nn.Parameter, str] = {}
         self._hooked: set[int] = set()
-        self._before_step: dict[int, tuple[list[str], torch.Tensor, list[torch.Tensor], list[torch.Tensor],
-                                           torch.Tensor]] = {}
+        self._before_step: dict[
+            int, tuple[list[str], torch.Tensor, list[torch.Tensor], list[torch.Tensor], torch.Tensor]
+        ] = {}
         self._pending: list[tuple[list[str], torch.Tensor]] = []
         self._measured: dict[int, int] = {}  # optimizer -> the step its gradients were last measured at
 
@@ -102,7 +107,9 @@ class GradientMonitor(L.Callback):
             return
         names, owners, params, before, weights = pending
         network = _network(names)
-        updates = per_layer_norms(torch._foreach_sub([p.detach() for p in params], before), owners, len(names))
+        updates = per_layer_norms(
+            torch._foreach_sub([p.detach() for p in params], before), owners, len(names)
+        )
         keys = [f"update_ratio/{_panel(n)}" for n in names] + [f"update_ratio/{network}/total"]
         self._pending.append((keys, updates / weights.clamp(min=1e-12)))
 

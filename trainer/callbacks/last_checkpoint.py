@@ -22,7 +22,9 @@ class LastCheckpoint(L.Callback):
 
     def __init__(self, dirpath: str, every_n_train_steps: int | None = None):
         if every_n_train_steps is not None and every_n_train_steps < 1:
-            raise ValueError(f"every_n_train_steps must be a positive number or null, got {every_n_train_steps}")
+            raise ValueError(
+                f"every_n_train_steps must be a positive number or null, got {every_n_train_steps}"
+            )
         self.dirpath = Path(dirpath)
         self.every_n_train_steps = every_n_train_steps
         self.last_model_path = ""

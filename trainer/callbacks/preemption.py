@@ -50,6 +50,8 @@ class Preemption(L.Callback):
                 callback.save(trainer)
         job = os.environ.get("SLURM_JOB_ID")
         if self.requeue and job and trainer.is_global_zero:
-            rank_zero_info(f"trainer: {self.signum.name} received, last.ckpt saved, requeueing SLURM job {job}")
+            rank_zero_info(
+                f"trainer: {self.signum.name} received, last.ckpt saved, requeueing SLURM job {job}"
+            )
             subprocess.run(["scontrol", "requeue", job], check=False, timeout=60)
         trainer.should_stop = True

@@ -30,34 +30,52 @@ def read_coco(annotation_file: Path, image_dir: Path) -> dict[str, Any]:
     try:
         coco = json.loads(annotation_file.read_text())
     except FileNotFoundError:
-        raise UserError(f"{annotation_file} does not exist: point data.train_annotations / "
-                        "data.val_annotations at a COCO-format json") from None
+        raise UserError(
+            f"{annotation_file} does not exist: point data.train_annotations / "
+            "data.val_annotations at a COCO-format json"
+        ) from None
     except json.JSONDecodeError as e:
-        raise UserError(f"{annotation_file} is not valid JSON ({e.msg}, line {e.lineno} column {e.colno}): "
-                        "fix or re-export the file") from None
+        raise UserError(
+            f"{annotation_file} is not valid JSON ({e.msg}, line {e.lineno} column {e.colno}): "
+            "fix or re-export the file"
+        ) from None
     missing = [key for key in ("images", "annotations", "categories") if not isinstance(coco.get(key), list)]
     if missing:
-        raise UserError(f"{annotation_file} lacks the COCO list(s) {', '.join(missing)}: a detection file needs "
-                        "'images', 'annotations' and 'categories'")
+        raise UserError(
+            f"{annotation_file} lacks the COCO list(s) {', '.join(missing)}: a detection file needs "
+            "'images', 'annotations' and 'categories'"
+        )
     images = {image["id"]: image for image in coco["images"]}
     categories = {category["id"] for category in coco["categories"]}
     for image in coco["images"]:
         if not (image_dir / image["file_name"]).is_file():
-            raise UserError(f"{annotation_file}: image id {image['id']} names {image['file_name']}, which is "
-                            f"not in {image_dir}: fix file_name or the image folder")
+            raise UserError(
+                f"{annotation_file}: image id {image['id']} names {image['file_name']}, which is "
+                f"not in {image_dir}: fix file_name or the image folder"
+            )
     for a in coco["annotations"]:
         where = f"{annotation_file}: annotation id {a.get('id')}"
         if a.get("image_id") not in images:
             raise UserError(f"{where} refers to image_id {a.get('image_id')}, which is not among the images")
         if a.get("category_id") not in categories:
-            raise UserError(f"{where} has category_id {a.get('category_id')}, which is not among the "
-                            f"categories ({sorted(categories)}): fix the annotation or add the category")
+            raise UserError(
+                f"{where} has category_id {a.get('category_id')}, which is not among the "
+                f"categories ({sorted(categories)}): fix the annotation or add the category"
+            )
         image = images[a["image_id"]]
         x, y, w, h = a["bbox"]
-        if (w <= 0 or h <= 0 or x < -EDGE_SLACK or y < -EDGE_SLACK or x + w > image["width"] + EDGE_SLACK
-                or y + h > image["height"] + EDGE_SLACK):
-            raise UserError(f"{where} (image {image['file_name']}) has bbox {a['bbox']} outside its "
-                            f"{image['width']}x{image['height']} image: bbox is [x, y, width, height] in pixels")
+        if (
+            w <= 0
+            or h <= 0
+            or x < -EDGE_SLACK
+            or y < -EDGE_SLACK
+            or x + w > image["width"] + EDGE_SLACK
+            or y + h > image["height"] + EDGE_SLACK
+        ):
+            raise UserError(
+                f"{where} (image {image['file_name']}) has bbox {a['bbox']} outside its "
+                f"{image['width']}x{image['height']} image: bbox is [x, y, width, height] in pixels"
+            )
     return coco
 
 
@@ -68,8 +86,14 @@ class CocoDetection(Dataset):
     the longer side to a random size in `sizes`, and brightness/contrast jitter of up to `jitter`.
     """
 
-    def __init__(self, annotation_file: str | Path, image_dir: str | Path, sizes: tuple[int, ...] = (),
-                 hflip: float = 0.0, jitter: float = 0.0):
+    def __init__(
+        self,
+        annotation_file: str | Path,
+        image_dir: str | Path,
+        sizes: tuple[int, ...] = (),
+        hflip: float = 0.0,
+        jitter: float = 0.0,
+    ):
         self.annotation_file, self.image_dir = Path(annotation_file), Path(image_dir)
         self.coco = read_coco(self.annotation_file, self.image_dir)
         self.sizes, self.hflip, self.jitter = tuple(sizes), hflip, jitter
@@ -96,7 +120,9 @@ class CocoDetection(Dataset):
             with Image.open(path) as image:
                 image = image.convert("RGB")
         except (OSError, UnidentifiedImageError) as e:
-            raise UserError(f"{path} (image id {info['id']}) cannot be read ({e}): replace the file") from None
+            raise UserError(
+                f"{path} (image id {info['id']}) cannot be read ({e}): replace the file"
+            ) from None
         annotations = self.boxes_of[info["id"]]
         boxes = torch.tensor([a["bbox"] for a in annotations], dtype=torch.float32).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy
@@ -112,7 +138,9 @@ class CocoDetection(Dataset):
     def augment(self, image: Image.Image, boxes: torch.Tensor) -> tuple[Image.Image, torch.Tensor]:
         if self.hflip and random.random() < self.hflip:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            boxes = torch.stack([image.width - boxes[:, 2], boxes[:, 1], image.width - boxes[:, 0], boxes[:, 3]], 1)
+            boxes = torch.stack(
+                [image.width - boxes[:, 2], boxes[:, 1], image.width - boxes[:, 0], boxes[:, 3]], 1
+            )
         if self.sizes:
             scale = random.choice(self.sizes) / max(image.size)
             size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
@@ -138,16 +166,28 @@ class CocoDataModule(L.LightningDataModule):
     """Train and validation COCO files; without them, the embedded digit canvases (written once to
     `cache_dir`, trainer/data/digit_canvases.py)."""
 
-    def __init__(self, train_annotations: str | None = None, train_images: str | None = None,
-                 val_annotations: str | None = None, val_images: str | None = None,
-                 canvases: dict[str, Any] | None = None, cache_dir: str = ".", sizes: tuple[int, ...] = (),
-                 hflip: float = 0.0, jitter: float = 0.0, batch_size: int = 16,
-                 num_workers: int = 0, seed: int = 0):
+    def __init__(
+        self,
+        train_annotations: str | None = None,
+        train_images: str | None = None,
+        val_annotations: str | None = None,
+        val_images: str | None = None,
+        canvases: dict[str, Any] | None = None,
+        cache_dir: str = ".",
+        sizes: tuple[int, ...] = (),
+        hflip: float = 0.0,
+        jitter: float = 0.0,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        seed: int = 0,
+    ):
         super().__init__()
         paths = (train_annotations, train_images, val_annotations, val_images)
         if any(paths) and not all(paths):
-            raise UserError("data.train_annotations, train_images, val_annotations and val_images go together: "
-                            "set all four, or none for the embedded digit canvases")
+            raise UserError(
+                "data.train_annotations, train_images, val_annotations and val_images go together: "
+                "set all four, or none for the embedded digit canvases"
+            )
         self.paths, self.canvases, self.cache_dir = paths, dict(canvases or {}), Path(cache_dir)
         self.sizes, self.hflip, self.jitter = tuple(sizes), hflip, jitter  # training only
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
@@ -166,19 +206,37 @@ class CocoDataModule(L.LightningDataModule):
         if self.train_set is not None:
             return
         root = self.canvas_root
-        train_annotations, train_images, val_annotations, val_images = self.paths if any(self.paths) else (
-            root / "annotations" / "train.json", root / "train", root / "annotations" / "val.json", root / "val")
+        train_annotations, train_images, val_annotations, val_images = (
+            self.paths
+            if any(self.paths)
+            else (
+                root / "annotations" / "train.json",
+                root / "train",
+                root / "annotations" / "val.json",
+                root / "val",
+            )
+        )
         self.train_set = CocoDetection(train_annotations, train_images, self.sizes, self.hflip, self.jitter)
         self.val_set = CocoDetection(val_annotations, val_images)  # at full size: AP in the file's pixels
         if self.train_set.category_ids != self.val_set.category_ids:
-            raise UserError(f"{train_annotations} and {val_annotations} have different categories: "
-                            "both splits need the same category list")
+            raise UserError(
+                f"{train_annotations} and {val_annotations} have different categories: "
+                "both splits need the same category list"
+            )
 
     def train_dataloader(self) -> ResumableLoader:
-        return ResumableLoader(self.train_set, batch_size=self.batch_size, seed=self.seed, drop_last=True,
-                               num_workers=self.num_workers, collate_fn=collate,
-                               persistent_workers=self.num_workers > 0)
+        return ResumableLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            drop_last=True,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def val_dataloader(self) -> DataLoader:
         """Each rank's share of the images; the targets carry the image ids that results are keyed by."""
-        return evaluation_loader(self.val_set, self.batch_size, num_workers=self.num_workers, collate_fn=collate)
+        return evaluation_loader(
+            self.val_set, self.batch_size, num_workers=self.num_workers, collate_fn=collate
+        )

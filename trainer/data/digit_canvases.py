@@ -15,16 +15,30 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 VERSION = 1  # bump when the drawing changes: existing copies are then rewritten
-INK = 64     # a resized digit pixel at or above this (of 255) counts as ink for its box
+INK = 64  # a resized digit pixel at or above this (of 255) counts as ink for its box
 
 
-def write_digit_canvases(root: str | Path, train_images: int = 2000, val_images: int = 300, size: int = 96,
-                         digit_sizes: tuple[int, int] = (16, 40), max_digits: int = 4, seed: int = 0) -> Path:
+def write_digit_canvases(
+    root: str | Path,
+    train_images: int = 2000,
+    val_images: int = 300,
+    size: int = 96,
+    digit_sizes: tuple[int, int] = (16, 40),
+    max_digits: int = 4,
+    seed: int = 0,
+) -> Path:
     """Writes root/{train,val}/*.png and root/annotations/{train,val}.json, unless a copy with the same
     settings is already there; returns root."""
     root = Path(root)
-    spec = {"version": VERSION, "train_images": train_images, "val_images": val_images, "size": size,
-            "digit_sizes": list(digit_sizes), "max_digits": max_digits, "seed": seed}
+    spec = {
+        "version": VERSION,
+        "train_images": train_images,
+        "val_images": val_images,
+        "size": size,
+        "digit_sizes": list(digit_sizes),
+        "max_digits": max_digits,
+        "seed": seed,
+    }
     marker = root / "spec.json"
     if marker.is_file() and json.loads(marker.read_text()) == spec:
         return root
@@ -40,8 +54,16 @@ def write_digit_canvases(root: str | Path, train_images: int = 2000, val_images:
     return root
 
 
-def _draw_split(folder: Path, count: int, scans: np.ndarray, digits: Any, size: int,
-                digit_sizes: tuple[int, int], max_digits: int, rng: np.random.Generator) -> dict[str, Any]:
+def _draw_split(
+    folder: Path,
+    count: int,
+    scans: np.ndarray,
+    digits: Any,
+    size: int,
+    digit_sizes: tuple[int, int],
+    max_digits: int,
+    rng: np.random.Generator,
+) -> dict[str, Any]:
     folder.mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
     for image_id in range(1, count + 1):
@@ -50,23 +72,39 @@ def _draw_split(folder: Path, count: int, scans: np.ndarray, digits: Any, size: 
         for _ in range(rng.integers(0, max_digits + 1) if rng.random() > 0.1 else 0):
             scan = scans[rng.integers(len(scans))]
             side = int(rng.integers(digit_sizes[0], digit_sizes[1] + 1))
-            ink = np.asarray(Image.fromarray((digits.images[scan] * 255 / 16).astype(np.uint8))
-                             .resize((side, side), Image.Resampling.BICUBIC), dtype=np.float64)
+            ink = np.asarray(
+                Image.fromarray((digits.images[scan] * 255 / 16).astype(np.uint8)).resize(
+                    (side, side), Image.Resampling.BICUBIC
+                ),
+                dtype=np.float64,
+            )
             rows, cols = np.nonzero(ink >= INK)
             if not len(rows):
                 continue
             for _attempt in range(20):  # a free spot: overlapping digits would make ambiguous boxes
                 x, y = (int(v) for v in rng.integers(0, size - side + 1, 2))
-                box = [x + cols.min(), y + rows.min(), cols.max() - cols.min() + 1, rows.max() - rows.min() + 1]
+                box = [
+                    x + cols.min(),
+                    y + rows.min(),
+                    cols.max() - cols.min() + 1,
+                    rows.max() - rows.min() + 1,
+                ]
                 if all(not _overlaps(box, other) for other in placed):
                     break
             else:
                 continue
-            canvas[y:y + side, x:x + side] = np.maximum(canvas[y:y + side, x:x + side], ink)
+            canvas[y : y + side, x : x + side] = np.maximum(canvas[y : y + side, x : x + side], ink)
             placed.append(box)
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id,
-                                "category_id": int(digits.target[scan]) + 1, "bbox": [float(v) for v in box],
-                                "area": float(box[2] * box[3]), "iscrowd": 0})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": int(digits.target[scan]) + 1,
+                    "bbox": [float(v) for v in box],
+                    "area": float(box[2] * box[3]),
+                    "iscrowd": 0,
+                }
+            )
         file_name = f"{image_id:06d}.png"
         Image.fromarray(canvas.astype(np.uint8)).save(folder / file_name)
         images.append({"id": image_id, "file_name": file_name, "width": size, "height": size})

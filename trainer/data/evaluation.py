@@ -45,8 +45,9 @@ class Indexed(Dataset):
         return index, self.dataset[index]
 
 
-def evaluation_loader(dataset: Dataset, batch_size: int, order: Sequence[int] | None = None,
-                      **kwargs: Any) -> DataLoader:
+def evaluation_loader(
+    dataset: Dataset, batch_size: int, order: Sequence[int] | None = None, **kwargs: Any
+) -> DataLoader:
     """A loader over this rank's share of `dataset`, in `order` (default: as stored)."""
     order = range(len(dataset)) if order is None else order  # type: ignore[arg-type]
     return DataLoader(Subset(dataset, rank_share(order)), batch_size=batch_size, shuffle=False, **kwargs)

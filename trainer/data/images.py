@@ -106,7 +106,7 @@ class ImageDataModule(L.LightningDataModule):
             return
         dataset = self.load()
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.seed)).tolist()
-        n_val = int(round(len(dataset) * self.val_fraction))
+        n_val = round(len(dataset) * self.val_fraction)
         self.val_set = torch.utils.data.Subset(dataset, order[:n_val])
         self.train_set = torch.utils.data.Subset(dataset, order[n_val:])
         if len(self.train_set) < self.batch_size:
@@ -128,8 +128,9 @@ class ImageDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         """(index, image) batches: validation results are keyed by image (trainer/data/evaluation.py)."""
-        return evaluation_loader(Indexed(self.val_set), self.batch_size, num_workers=self.num_workers,
-                                 pin_memory=self.pin_memory)
+        return evaluation_loader(
+            Indexed(self.val_set), self.batch_size, num_workers=self.num_workers, pin_memory=self.pin_memory
+        )
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if not self.channels_last:
@@ -160,7 +161,9 @@ class ImageFolderDataModule(ImageDataModule):
 
     def load(self) -> Dataset:
         if not self.root.is_dir():
-            raise UserError(f"data.root={self.root} is not a directory: point data.root at a folder of images")
+            raise UserError(
+                f"data.root={self.root} is not a directory: point data.root at a folder of images"
+            )
         paths = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not paths:
             raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under data.root={self.root}")
@@ -176,8 +179,14 @@ class ImageFolderDataModule(ImageDataModule):
 class HubImageDataModule(ImageDataModule):
     """A Hugging Face data set with an image column, e.g. name=uoft-cs/cifar10 image_key=img."""
 
-    def __init__(self, name: str, split: str = "train", image_key: str = "image", data_dir: str | None = None,
-                 **kwargs: Any):
+    def __init__(
+        self,
+        name: str,
+        split: str = "train",
+        image_key: str = "image",
+        data_dir: str | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(**kwargs)
         self.name, self.split, self.image_key, self.data_dir = name, split, image_key, data_dir
 

@@ -16,9 +16,9 @@ from trainer.data.evaluation import rank_and_world
 
 
 class ShardedSampler(Sampler[int]):
-    """Seeded per-epoch permutation, split evenly across distributed ranks (every rank gets the same count; the
-    last size % world items of an epoch's order are left for later epochs). For training; validation shares
-    out every item (trainer/data/evaluation.py)."""
+    """Seeded per-epoch permutation, split evenly across distributed ranks (every rank gets the same count;
+    the last size % world items of an epoch's order are left for later epochs). For training; validation
+    shares out every item (trainer/data/evaluation.py)."""
 
     def __init__(self, size: int, seed: int):
         self.size, self.seed = size, seed
@@ -40,9 +40,7 @@ class ShardedSampler(Sampler[int]):
 
 
 class ResumableLoader(DataLoader):
-    def __init__(
-        self, dataset: Dataset, batch_size: int, seed: int, sampler: Any = None, **kwargs: Any
-    ):
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, sampler: Any = None, **kwargs: Any):
         assert isinstance(dataset, Sized)
         kwargs.pop("generator", None)
         super().__init__(

@@ -16,18 +16,120 @@ from typing import Any
 
 from trainer.callbacks.metrics import write_json_atomic
 
-FIRST = ["Ada", "Bruno", "Clara", "Dmitri", "Elena", "Farid", "Greta", "Hugo", "Ines", "Jonas", "Kira", "Luca",
-         "Mara", "Nils", "Olga", "Pavel", "Rosa", "Sven", "Tara", "Umar", "Vera", "Wim", "Yara", "Zeno"]
-SYLLABLES = ["bar", "cen", "dor", "fel", "gan", "hol", "kir", "lan", "mor", "nes", "pol", "ral", "sen", "tov",
-             "vel", "wen", "zar", "bri", "cas", "mel"]
-CITIES = ["Lisbon", "Krakow", "Tallinn", "Porto", "Ghent", "Bergen", "Graz", "Turku", "Bilbao", "Leeds", "Lyon",
-          "Split", "Brno", "Aarhus", "Cork", "Utrecht", "Malmo", "Bologna", "Dresden", "Riga", "Zagreb", "Basel"]
-JOBS = ["carpenter", "chemist", "violinist", "surveyor", "librarian", "glassblower", "engineer", "botanist",
-        "cartographer", "watchmaker", "physician", "printer", "architect", "baker", "astronomer", "weaver"]
-SUBJECTS = ["mathematics", "geology", "medieval history", "organic chemistry", "botany", "naval architecture",
-            "philosophy", "astronomy", "economics", "classical music", "civil engineering", "linguistics"]
-ORG_WORDS = [("Northern", "Foundry"), ("Royal", "Observatory"), ("Harbour", "Press"), ("Central", "Railway"),
-             ("Silver", "Mills"), ("Coastal", "Survey"), ("Eastern", "Bank"), ("Grand", "Theatre")]
+FIRST = [
+    "Ada",
+    "Bruno",
+    "Clara",
+    "Dmitri",
+    "Elena",
+    "Farid",
+    "Greta",
+    "Hugo",
+    "Ines",
+    "Jonas",
+    "Kira",
+    "Luca",
+    "Mara",
+    "Nils",
+    "Olga",
+    "Pavel",
+    "Rosa",
+    "Sven",
+    "Tara",
+    "Umar",
+    "Vera",
+    "Wim",
+    "Yara",
+    "Zeno",
+]
+SYLLABLES = [
+    "bar",
+    "cen",
+    "dor",
+    "fel",
+    "gan",
+    "hol",
+    "kir",
+    "lan",
+    "mor",
+    "nes",
+    "pol",
+    "ral",
+    "sen",
+    "tov",
+    "vel",
+    "wen",
+    "zar",
+    "bri",
+    "cas",
+    "mel",
+]
+CITIES = [
+    "Lisbon",
+    "Krakow",
+    "Tallinn",
+    "Porto",
+    "Ghent",
+    "Bergen",
+    "Graz",
+    "Turku",
+    "Bilbao",
+    "Leeds",
+    "Lyon",
+    "Split",
+    "Brno",
+    "Aarhus",
+    "Cork",
+    "Utrecht",
+    "Malmo",
+    "Bologna",
+    "Dresden",
+    "Riga",
+    "Zagreb",
+    "Basel",
+]
+JOBS = [
+    "carpenter",
+    "chemist",
+    "violinist",
+    "surveyor",
+    "librarian",
+    "glassblower",
+    "engineer",
+    "botanist",
+    "cartographer",
+    "watchmaker",
+    "physician",
+    "printer",
+    "architect",
+    "baker",
+    "astronomer",
+    "weaver",
+]
+SUBJECTS = [
+    "mathematics",
+    "geology",
+    "medieval history",
+    "organic chemistry",
+    "botany",
+    "naval architecture",
+    "philosophy",
+    "astronomy",
+    "economics",
+    "classical music",
+    "civil engineering",
+    "linguistics",
+]
+ORG_WORDS = [
+    ("Northern", "Foundry"),
+    ("Royal", "Observatory"),
+    ("Harbour", "Press"),
+    ("Central", "Railway"),
+    ("Silver", "Mills"),
+    ("Coastal", "Survey"),
+    ("Eastern", "Bank"),
+    ("Grand", "Theatre"),
+]
 RELATIONS = ["brother", "sister", "cousin", "daughter", "son", "uncle"]
 
 
@@ -72,15 +174,22 @@ def biography(rng: random.Random) -> tuple[Paragraph, list[Question]]:
     p = Paragraph()
     p.add("{name} was born in {birth_city} in {born}.", name=name, birth_city=cities[0], born=str(born))
     facts = {  # optional facts: each is in the paragraph or becomes an unanswerable question
-        "study": lambda: p.add(f"{first} studied {{subject}} at {{university}}.",
-                               subject=rng.choice(SUBJECTS), university=f"the University of {cities[1]}"),
+        "study": lambda: p.add(
+            f"{first} studied {{subject}} at {{university}}.",
+            subject=rng.choice(SUBJECTS),
+            university=f"the University of {cities[1]}",
+        ),
         "work": lambda: p.add(f"Later {first} worked as a {{job}} for {{org}}.", job=job, org=org),
-        "relative": lambda: p.add(f"{first}'s {relation}, {{relative}}, was a {{relative_job}} born in "
-                                  "{relative_born}.", relative=relative, relative_job=relative_job,
-                                  relative_born=str(born + rng.choice([-1, 1]) * rng.randint(2, 12))),
+        "relative": lambda: p.add(
+            f"{first}'s {relation}, {{relative}}, was a {{relative_job}} born in {{relative_born}}.",
+            relative=relative,
+            relative_job=relative_job,
+            relative_born=str(born + rng.choice([-1, 1]) * rng.randint(2, 12)),
+        ),
         "move": lambda: p.add(f"In {moved} the family moved to {{new_city}}.", new_city=cities[2]),
-        "award": lambda: p.add(f"In {{award_year}} {first} received the {{award}}.",
-                               award_year=str(award_year), award=award),
+        "award": lambda: p.add(
+            f"In {{award_year}} {first} received the {{award}}.", award_year=str(award_year), award=award
+        ),
     }
     present = set(rng.sample(sorted(facts), rng.randint(3, 5)))
     for key in facts:  # fixed order, so sentences read naturally
@@ -103,7 +212,9 @@ def biography(rng: random.Random) -> tuple[Paragraph, list[Question]]:
     }
     # A second gold answer where SQuAD's annotators would also accept a shorter span.
     shorter = {"university": ["University of " + cities[1]], "org": [f"{adjective} {noun}"]}
-    return p, [(asked, key if key in p.spans else "", shorter.get(key, [])) for key, asked in questions.items()]
+    return p, [
+        (asked, key if key in p.spans else "", shorter.get(key, [])) for key, asked in questions.items()
+    ]
 
 
 def squad_split(num_paragraphs: int, seed: int, with_unanswerable: bool = True) -> dict[str, Any]:
@@ -123,16 +234,26 @@ def squad_split(num_paragraphs: int, seed: int, with_unanswerable: bool = True) 
                 text, start = paragraph.spans[key]
                 answers = [{"text": text, "answer_start": start}]
                 answers += [{"text": alt, "answer_start": context.index(alt, start)} for alt in extra]
-            qas.append({"id": f"{seed}-{i}-{j}", "question": rng.choice(phrasings), "answers": answers,
-                        "is_impossible": not key})
-        data.append({"title": context.split(" was born", 1)[0], "paragraphs": [{"context": context, "qas": qas}]})
+            qas.append(
+                {
+                    "id": f"{seed}-{i}-{j}",
+                    "question": rng.choice(phrasings),
+                    "answers": answers,
+                    "is_impossible": not key,
+                }
+            )
+        data.append(
+            {"title": context.split(" was born", 1)[0], "paragraphs": [{"context": context, "qas": qas}]}
+        )
     return {"version": "v2.0" if with_unanswerable else "1.1", "data": data}
 
 
 VERSION = 1  # bump when the generator changes: cached files are keyed by it
 
 
-def write_facts_dataset(cache: Path, train_paragraphs: int, val_paragraphs: int, seed: int) -> dict[str, Path]:
+def write_facts_dataset(
+    cache: Path, train_paragraphs: int, val_paragraphs: int, seed: int
+) -> dict[str, Path]:
     """Writes train.json and validation.json under `cache` once; returns their paths."""
     folder = cache / f"qa-facts-v{VERSION}-{train_paragraphs}-{val_paragraphs}-seed{seed}"
     folder.mkdir(parents=True, exist_ok=True)

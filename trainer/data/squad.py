@@ -31,8 +31,8 @@ class Example:
     id: str
     question: str
     context: str
-    answers: list[str]   # gold texts; empty: unanswerable (SQuAD v2)
-    starts: list[int]    # character offsets of the answers in `context`
+    answers: list[str]  # gold texts; empty: unanswerable (SQuAD v2)
+    starts: list[int]  # character offsets of the answers in `context`
 
 
 def read_squad_file(path: str | Path) -> list[Example]:
@@ -47,7 +47,9 @@ def read_squad_file(path: str | Path) -> list[Example]:
     except json.JSONDecodeError as e:
         raise UserError(f"SQuAD file {path} is not valid JSON ({e}): fix or regenerate the file") from None
     except (KeyError, TypeError):
-        raise UserError(f'SQuAD file {path} has no top-level "data" list: it is not in SQuAD format') from None
+        raise UserError(
+            f'SQuAD file {path} has no top-level "data" list: it is not in SQuAD format'
+        ) from None
     records = []
     for a, article in enumerate(articles):
         for p, paragraph in enumerate(_field(article, "paragraphs", path, f"data[{a}]")):
@@ -56,14 +58,22 @@ def read_squad_file(path: str | Path) -> list[Example]:
             for q, qa in enumerate(_field(paragraph, "qas", path, where)):
                 qa_id = str(qa["id"]) if isinstance(qa, dict) and "id" in qa else f"{where}.qas[{q}]"
                 answers = _field(qa, "answers", path, f"example {qa_id}")
-                record = {"id": qa_id, "question": _field(qa, "question", path, f"example {qa_id}"),
-                          "context": context,
-                          "answers": {"text": [_field(x, "text", path, f"example {qa_id}") for x in answers],
-                                      "answer_start": [_field(x, "answer_start", path, f"example {qa_id}")
-                                                       for x in answers]}}
+                record = {
+                    "id": qa_id,
+                    "question": _field(qa, "question", path, f"example {qa_id}"),
+                    "context": context,
+                    "answers": {
+                        "text": [_field(x, "text", path, f"example {qa_id}") for x in answers],
+                        "answer_start": [
+                            _field(x, "answer_start", path, f"example {qa_id}") for x in answers
+                        ],
+                    },
+                }
                 if not answers and not qa.get("is_impossible", False):
-                    raise UserError(f"SQuAD file {path}: example {qa_id} has no answers and is not marked "
-                                    '"is_impossible": true: add its answer or mark it unanswerable (SQuAD v2)')
+                    raise UserError(
+                        f"SQuAD file {path}: example {qa_id} has no answers and is not marked "
+                        '"is_impossible": true: add its answer or mark it unanswerable (SQuAD v2)'
+                    )
                 records.append(record)
     return [to_example(r, str(path)) for r in records]
 
@@ -81,11 +91,15 @@ def to_example(record: dict[str, Any], source: str) -> Example:
     context = record["context"]
     for text, start in zip(texts, starts):
         if not isinstance(text, str) or not isinstance(start, int):
-            raise UserError(f"{source}: example {record['id']}: an answer needs a text (string) and an answer_start "
-                            f"(a character offset), got {text!r} at {start!r}: fix the answer")
+            raise UserError(
+                f"{source}: example {record['id']}: an answer needs a text (string) and an answer_start "
+                f"(a character offset), got {text!r} at {start!r}: fix the answer"
+            )
         if (found := context[start : start + len(text)]) != text:
-            raise UserError(f"{source}: example {record['id']}: answer {text!r} is not at answer_start={start} "
-                            f"(the context has {found!r} there): fix answer_start")
+            raise UserError(
+                f"{source}: example {record['id']}: answer {text!r} is not at answer_start={start} "
+                f"(the context has {found!r} there): fix answer_start"
+            )
     return Example(str(record["id"]), record["question"], context, texts, starts)
 
 
@@ -105,8 +119,10 @@ def tokenize(examples: Sequence[Example], tokenizer: Any, max_length: int, doc_s
     """Question + context windows of at most `max_length` tokens, overlapping by `doc_stride`; each with the
     answer's token span (the [CLS] index, 0, when the window does not hold the whole answer)."""
     if not getattr(tokenizer, "is_fast", False):
-        raise UserError(f"the tokenizer {type(tokenizer).__name__} gives no offset mapping (it is a slow, Python "
-                        "tokenizer): use a model that ships a fast tokenizer (tokenizer.json)")
+        raise UserError(
+            f"the tokenizer {type(tokenizer).__name__} gives no offset mapping (it is a slow, Python "
+            "tokenizer): use a model that ships a fast tokenizer (tokenizer.json)"
+        )
     pad_on_right = tokenizer.padding_side == "right"  # question first, unless the model pads on the left
     questions = [e.question.lstrip() for e in examples]  # leading spaces waste window room
     contexts = [e.context for e in examples]
@@ -124,7 +140,10 @@ def tokenize(examples: Sequence[Example], tokenizer: Any, max_length: int, doc_s
     for i, example_index in enumerate(encoded["overflow_to_sample_mapping"]):
         example = examples[example_index]
         sequence_ids = encoded.sequence_ids(i)
-        offsets = [span if sequence_ids[t] == context_id else None for t, span in enumerate(encoded["offset_mapping"][i])]
+        offsets = [
+            span if sequence_ids[t] == context_id else None
+            for t, span in enumerate(encoded["offset_mapping"][i])
+        ]
         start, end = 0, 0
         if example.answers:
             answer_start = example.starts[0]
@@ -173,7 +192,9 @@ class PadToLongest:
             values = [item[key] for item in items]
             if isinstance(values[0], list):
                 padding = self.pad_token_id if key == "input_ids" else 0
-                batch[key] = pad_sequence([torch.tensor(v) for v in values], batch_first=True, padding_value=padding)
+                batch[key] = pad_sequence(
+                    [torch.tensor(v) for v in values], batch_first=True, padding_value=padding
+                )
             else:
                 batch[key] = torch.tensor(values)
         return batch
@@ -208,10 +229,14 @@ class SquadDataModule(L.LightningDataModule):
     ):
         super().__init__()
         if doc_stride >= max_length // 2:
-            raise UserError(f"data.doc_stride={doc_stride} must be under half of data.max_length={max_length}: "
-                            "the windows would not advance through the context")
+            raise UserError(
+                f"data.doc_stride={doc_stride} must be under half of data.max_length={max_length}: "
+                "the windows would not advance through the context"
+            )
         if (train_file is None) != (val_file is None):
-            raise UserError("give both data.train_file and data.val_file (or neither, for the embedded data set)")
+            raise UserError(
+                "give both data.train_file and data.val_file (or neither, for the embedded data set)"
+            )
         self.tokenizer_name, self.train_file, self.val_file, self.name = tokenizer, train_file, val_file, name
         self.version_2, self.max_length, self.doc_stride = version_2, max_length, doc_stride
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
@@ -234,26 +259,43 @@ class SquadDataModule(L.LightningDataModule):
         tokenizer = load_tokenizer(self.tokenizer_name)
         self.pad_token_id = tokenizer.pad_token_id or 0
         train_examples, val_examples = self.load_examples()
-        self.train_set = FeatureSet(tokenize(train_examples, tokenizer, self.max_length, self.doc_stride), train=True)
-        with_unanswerable = self.version_2 if self.version_2 is not None else any(not e.answers for e in val_examples)
+        self.train_set = FeatureSet(
+            tokenize(train_examples, tokenizer, self.max_length, self.doc_stride), train=True
+        )
+        with_unanswerable = (
+            self.version_2 if self.version_2 is not None else any(not e.answers for e in val_examples)
+        )
         val_features = tokenize(val_examples, tokenizer, self.max_length, self.doc_stride)
         self.val_set = ValidationSet(val_examples, val_features, with_unanswerable)
         if len(self.train_set) < self.batch_size:
-            raise UserError(f"only {len(self.train_set)} training features, fewer than data.batch_size="
-                            f"{self.batch_size}: add examples or lower data.batch_size")
+            raise UserError(
+                f"only {len(self.train_set)} training features, fewer than data.batch_size="
+                f"{self.batch_size}: add examples or lower data.batch_size"
+            )
 
     def train_dataloader(self) -> ResumableLoader:
-        return ResumableLoader(self.train_set, batch_size=self.batch_size, seed=self.seed,
-                               drop_last=True, collate_fn=PadToLongest(self.pad_token_id),
-                               num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        return ResumableLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            drop_last=True,
+            collate_fn=PadToLongest(self.pad_token_id),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def val_dataloader(self) -> DataLoader:
         # Shortest windows first: batches of similar length waste little padding. Order does not matter,
         # every item carries its feature index.
         inputs = self.val_set.features.inputs
         by_length = sorted(range(len(inputs)), key=lambda i: len(inputs[i]["input_ids"]))
-        return evaluation_loader(FeatureSet(self.val_set.features, train=False), self.eval_batch_size, by_length,
-                                 collate_fn=PadToLongest(self.pad_token_id), num_workers=self.num_workers)
+        return evaluation_loader(
+            FeatureSet(self.val_set.features, train=False),
+            self.eval_batch_size,
+            by_length,
+            collate_fn=PadToLongest(self.pad_token_id),
+            num_workers=self.num_workers,
+        )
 
 
 def load_hub_squad(name: str) -> tuple[list[Example], list[Example]]:
@@ -268,5 +310,7 @@ def load_hub_squad(name: str) -> tuple[list[Example], list[Example]]:
         raise UserError(f"cannot load hub data set {name!r}: {e}") from None
     missing = {"train", "validation"} - set(splits)
     if missing:
-        raise UserError(f"hub data set {name!r} has no {', '.join(sorted(missing))} split: use one in SQuAD layout")
+        raise UserError(
+            f"hub data set {name!r} has no {', '.join(sorted(missing))} split: use one in SQuAD layout"
+        )
     return tuple([to_example(r, f"hub data set {name}") for r in splits[s]] for s in ("train", "validation"))

@@ -71,7 +71,8 @@ def write_bundle(
     SafeCheckpointIO().save_checkpoint(content, folder / "bundle.pt")
     (folder / "config.yaml").write_text(config)
     (folder / "README.txt").write_text(
-        f"{detection['reason']}\n\nReplay this step (on CPU, anywhere):\n    python -m trainer.replay {folder}\n"
+        f"{detection['reason']}\n\n"
+        f"Replay this step (on CPU, anywhere):\n    python -m trainer.replay {folder}\n"
     )
     return folder
 
@@ -84,8 +85,10 @@ def load_bundle(path: str | Path) -> dict[str, Any]:
     try:
         content = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"divergence bundle {file} is corrupt or unsafe to load ({type(e).__name__}): "
-                        "it was cut short or is not a bundle") from None
+        raise UserError(
+            f"divergence bundle {file} is corrupt or unsafe to load ({type(e).__name__}): "
+            "it was cut short or is not a bundle"
+        ) from None
     if not isinstance(content, dict) or content.get("format") != FORMAT:
         raise UserError(f"{file} is not a divergence bundle of format {FORMAT}")
     return content

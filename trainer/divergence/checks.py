@@ -25,7 +25,9 @@ class InitialLossCheck(L.Callback):
         self.tolerance = tolerance
         self.first_loss: float | None = None
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any
+    ) -> None:
         if self.first_loss is not None or trainer.global_step > 1:
             return
         report = step_report(pl_module, outputs)
@@ -34,10 +36,14 @@ class InitialLossCheck(L.Callback):
         self.first_loss = float(sum(v.float() for v in report.losses.values()))
         off_by = abs(self.first_loss - self.expected) / self.expected
         for logger in trainer.loggers:
-            logger.log_metrics({"checks/initial_loss": self.first_loss, "checks/log_num_classes": self.expected}, 0)
+            logger.log_metrics(
+                {"checks/initial_loss": self.first_loss, "checks/log_num_classes": self.expected}, 0
+            )
         if off_by > self.tolerance:
-            rank_zero_warn(f"initial loss {self.first_loss:.3f} is {off_by:.0%} away from log(num_classes) = "
-                           f"{self.expected:.3f}: check the initialisation of the last layer and the loss")
+            rank_zero_warn(
+                f"initial loss {self.first_loss:.3f} is {off_by:.0%} away from log(num_classes) = "
+                f"{self.expected:.3f}: check the initialisation of the last layer and the loss"
+            )
 
 
 @dataclass
@@ -48,7 +54,9 @@ class GradCheckResult:
     @property
     def verdict(self) -> str:
         error = self.max_relative_error
-        return "good" if error < 1e-7 else "fine" if error < 1e-5 else "suspicious" if error < 1e-3 else "wrong"
+        return (
+            "good" if error < 1e-7 else "fine" if error < 1e-5 else "suspicious" if error < 1e-3 else "wrong"
+        )
 
 
 def gradient_check(
@@ -85,4 +93,3 @@ def gradient_check(
                 worst = max(worst, abs(analytic - numeric) / max(abs(analytic) + abs(numeric), 1e-12))
             results.append(GradCheckResult(name, worst))
     return results
-

@@ -8,7 +8,7 @@ import fnmatch
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -23,7 +23,9 @@ class Alarm:
     text: str  # what the reference level is
 
     def describe(self) -> str:
-        return f"{self.ratio:.3g}x {self.text}" + (f" ({self.score:.1f} robust deviations)" if self.score else "")
+        return f"{self.ratio:.3g}x {self.text}" + (
+            f" ({self.score:.1f} robust deviations)" if self.score else ""
+        )
 
 
 def settings_for(series: str, settings: dict[str, Any]) -> dict[str, Any]:
@@ -50,20 +52,34 @@ class SpikeDetector:
     Values of zero or below (a loss can be exactly 0) are passed over.
     """
 
-    def __init__(self, window: int = 200, warmup: int = 50, threshold: float = 6.0, min_ratio: float = 3.0,
-                 patience: int = 10, early_ratio: float = 10.0, enabled: bool = True):
+    def __init__(
+        self,
+        window: int = 200,
+        warmup: int = 50,
+        threshold: float = 6.0,
+        min_ratio: float = 3.0,
+        patience: int = 10,
+        early_ratio: float = 10.0,
+        enabled: bool = True,
+    ):
         if not 2 <= warmup <= window:
             raise ValueError(f"need 2 <= warmup <= window, got warmup={warmup}, window={window}")
         if threshold <= 0 or min_ratio < 1 or early_ratio < 1 or patience < 1:
             raise ValueError("need threshold > 0, min_ratio >= 1, early_ratio >= 1 and patience >= 1")
         self.window, self.warmup, self.threshold = window, warmup, threshold
-        self.min_ratio, self.early_ratio, self.patience, self.enabled = min_ratio, early_ratio, patience, enabled
+        self.min_ratio, self.early_ratio, self.patience, self.enabled = (
+            min_ratio,
+            early_ratio,
+            patience,
+            enabled,
+        )
         self.values: deque[float] = deque(maxlen=window)
         self.alarmed: list[float] = []  # the current run of alarming values
         self.warm = False  # seen `warmup` values; after a change of level, `patience` values will do
 
     def update(self, value: float) -> Alarm | None:
-        """An alarm if `value` is out of line, else None; non-finite values are another detector's business."""
+        """An alarm if `value` is out of line, else None; non-finite values are another detector's
+        business."""
         if not self.enabled or not value > 0 or math.isinf(value):
             return None
         self.warm = self.warm or len(self.values) >= self.warmup
@@ -96,8 +112,12 @@ class SpikeDetector:
     def _test_early(self, value: float) -> Alarm | None:
         if not self.values or value <= self.early_ratio * (largest := max(self.values)):
             return None
-        return Alarm(0.0, value / largest, self.early_ratio * largest,
-                     f"the largest of the {len(self.values)} values before it")
+        return Alarm(
+            0.0,
+            value / largest,
+            self.early_ratio * largest,
+            f"the largest of the {len(self.values)} values before it",
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {"values": list(self.values), "alarmed": list(self.alarmed), "warm": self.warm}
@@ -129,8 +149,13 @@ class LevelDetector:
         level = float(np.median(self.recent))
         alarm = None
         if self.seen >= self.warmup and level > self.ratio * self.best > 0:
-            alarm = Alarm(0.0, level / self.best, math.inf,
-                          f"its best level: the median of its last {self.window} values is {level:.4g}, was {self.best:.4g}")
+            alarm = Alarm(
+                0.0,
+                level / self.best,
+                math.inf,
+                f"its best level: the median of its last {self.window} values is {level:.4g}, "
+                f"was {self.best:.4g}",
+            )
         self.best = min(self.best, level)
         return alarm
 
@@ -148,12 +173,19 @@ class SeriesWatch:
     for spikes; losses for spikes and for their level. Either kind is off with `enabled: false`, for all
     series or some."""
 
-    KINDS = {"spike": SpikeDetector, "level": LevelDetector}
+    KINDS: ClassVar[dict[str, type[SpikeDetector | LevelDetector]]] = {
+        "spike": SpikeDetector,
+        "level": LevelDetector,
+    }
 
     def __init__(self, spike: dict[str, Any] | None = None, level: dict[str, Any] | None = None):
-        self.settings = {kind: {k: v for k, v in (settings or {}).items() if k != "action"}
-                         for kind, settings in (("spike", spike), ("level", level))}
-        self.detectors: dict[str, dict[str, SpikeDetector | LevelDetector]] = {kind: {} for kind in self.KINDS}
+        self.settings = {
+            kind: {k: v for k, v in (settings or {}).items() if k != "action"}
+            for kind, settings in (("spike", spike), ("level", level))
+        }
+        self.detectors: dict[str, dict[str, SpikeDetector | LevelDetector]] = {
+            kind: {} for kind in self.KINDS
+        }
         for kind in self.KINDS:  # bad settings fail now, not at the first step
             self.detector(kind, "loss")
         self.detectors = {kind: {} for kind in self.KINDS}
@@ -166,7 +198,11 @@ class SeriesWatch:
     def update(self, series: str, value: float, loss: bool) -> list[tuple[str, Alarm]]:
         """(kind, alarm) for each detector of the series that `value` sets off."""
         kinds = ("spike", "level") if loss else ("spike",)
-        return [(kind, alarm) for kind in kinds if (alarm := self.detector(kind, series).update(value)) is not None]
+        return [
+            (kind, alarm)
+            for kind in kinds
+            if (alarm := self.detector(kind, series).update(value)) is not None
+        ]
 
     def restart(self) -> None:
         """After a rollback: the values since the snapshot belong to a trajectory that is gone."""
@@ -176,8 +212,10 @@ class SeriesWatch:
             detector.recent.clear()
 
     def state_dict(self) -> dict[str, Any]:
-        return {kind: {series: d.state_dict() for series, d in detectors.items()}
-                for kind, detectors in self.detectors.items()}
+        return {
+            kind: {series: d.state_dict() for series, d in detectors.items()}
+            for kind, detectors in self.detectors.items()
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for kind, detectors in state.items():
@@ -210,7 +248,9 @@ class DiversityDrop:
         self.best = 0.0
 
     def update(self, diversity: float) -> bool:
-        collapsed = self.best >= self.reached and not diversity >= self.fraction * self.best  # (NaN: collapsed)
+        collapsed = (
+            self.best >= self.reached and not diversity >= self.fraction * self.best
+        )  # (NaN: collapsed)
         self.best = max(self.best, diversity) if math.isfinite(diversity) else self.best
         return collapsed
 
@@ -229,12 +269,25 @@ class CollapseWatch:
     and, at validation, the samples' diversity falls (`DiversityDrop`): mode collapse.
     """
 
-    def __init__(self, d_wins_steps: int = 50, d_x_above: float = 0.99, d_g_z_below: float = 0.01,
-                 entropy_fraction: float = 0.2, value_multiple: float = 2.0, rl_steps: int = 5,
-                 max_policy_kl: float = 0.2, diversity_fraction: float = 0.5, diversity_reached: float = 0.3):
+    def __init__(
+        self,
+        d_wins_steps: int = 50,
+        d_x_above: float = 0.99,
+        d_g_z_below: float = 0.01,
+        entropy_fraction: float = 0.2,
+        value_multiple: float = 2.0,
+        rl_steps: int = 5,
+        max_policy_kl: float = 0.2,
+        diversity_fraction: float = 0.5,
+        diversity_reached: float = 0.3,
+    ):
         self.d_x_above, self.d_g_z_below, self.max_policy_kl = d_x_above, d_g_z_below, max_policy_kl
         self.entropy_fraction, self.value_multiple = entropy_fraction, value_multiple
-        self.d_wins, self.deterministic, self.blown_up = Streak(d_wins_steps), Streak(rl_steps), Streak(rl_steps)
+        self.d_wins, self.deterministic, self.blown_up = (
+            Streak(d_wins_steps),
+            Streak(rl_steps),
+            Streak(rl_steps),
+        )
         self.diversity = DiversityDrop(diversity_fraction, diversity_reached)
 
     def step(self, report: StepReport, readings: dict[str, float]) -> tuple[str, str] | None:
@@ -242,25 +295,33 @@ class CollapseWatch:
         if isinstance(report, GANReport):
             d_x, d_g_z = readings["D_x"], readings["D_G_z"]
             if self.d_wins.update(d_x > self.d_x_above and d_g_z < self.d_g_z_below):
-                return "D_x", (f"the discriminator has won outright for {self.d_wins.steps} steps (D(x)={d_x:.3f}, "
-                               f"D(G(z))={d_g_z:.3g}): the generator gets no gradient to learn from")
+                return "D_x", (
+                    f"the discriminator has won outright for {self.d_wins.steps} steps (D(x)={d_x:.3f}, "
+                    f"D(G(z))={d_g_z:.3g}): the generator gets no gradient to learn from"
+                )
         if isinstance(report, PolicyReport) and report.max_entropy:
             entropy = readings["entropy"]
             if self.deterministic.update(entropy < self.entropy_fraction * report.max_entropy):
-                return "entropy", (f"the policy's entropy has stayed below {self.entropy_fraction:g} of the uniform "
-                                   f"policy's ({report.max_entropy:.3g}) for {self.deterministic.steps} steps "
-                                   f"(now {entropy:.3g}): policy collapse")
+                return "entropy", (
+                    f"the policy's entropy has stayed below {self.entropy_fraction:g} of the uniform "
+                    f"policy's ({report.max_entropy:.3g}) for {self.deterministic.steps} steps "
+                    f"(now {entropy:.3g}): policy collapse"
+                )
         if isinstance(report, PolicyReport) and readings.get("approx_kl", 0.0) > self.max_policy_kl:
             kl = readings["approx_kl"]
-            return "approx_kl", (f"one update moved the policy {kl:.3g} nats (approximate KL) from the policy "
-                                 f"that collected its data, more than {self.max_policy_kl:g}: it left its trust "
-                                 "region (learning rate too high?)")
+            return "approx_kl", (
+                f"one update moved the policy {kl:.3g} nats (approximate KL) from the policy "
+                f"that collected its data, more than {self.max_policy_kl:g}: it left its trust "
+                "region (learning rate too high?)"
+            )
         if isinstance(report, ValueReport) and report.max_return:
             q = readings["q_values"]
             if self.blown_up.update(q > self.value_multiple * report.max_return):
-                return "q_values", (f"the mean Q-value {q:.4g} has stayed above {self.value_multiple:g}x the largest "
-                                    f"return the rewards allow ({report.max_return:.4g}) for {self.blown_up.steps} "
-                                    "steps: the value estimates have blown up")
+                return "q_values", (
+                    f"the mean Q-value {q:.4g} has stayed above {self.value_multiple:g}x the largest "
+                    f"return the rewards allow ({report.max_return:.4g}) for {self.blown_up.steps} "
+                    "steps: the value estimates have blown up"
+                )
         return None
 
     def restart(self) -> None:
@@ -270,13 +331,17 @@ class CollapseWatch:
 
     def validation(self, diversity: float) -> str | None:
         if self.diversity.update(diversity):
-            return (f"the samples' diversity fell to {diversity:.3g} of the data's, from {self.diversity.best:.3g} "
-                    "at best: mode collapse")
+            return (
+                f"the samples' diversity fell to {diversity:.3g} of the data's, "
+                f"from {self.diversity.best:.3g} at best: mode collapse"
+            )
         return None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"streaks": [s.count for s in (self.d_wins, self.deterministic, self.blown_up)],
-                "best_diversity": self.diversity.best}
+        return {
+            "streaks": [s.count for s in (self.d_wins, self.deterministic, self.blown_up)],
+            "best_diversity": self.diversity.best,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for streak, count in zip((self.d_wins, self.deterministic, self.blown_up), state["streaks"]):

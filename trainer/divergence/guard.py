@@ -31,9 +31,9 @@ A report (the first alarm of a series within `report_every` steps, and every non
 writes a bundle (see bundle.py; at most `max_bundle_mb` per run, except a halt's), a picture of the event
 (picture.py; also to W&B), a line in <run dir>/divergence/events-rank<r>.jsonl and a warning in the console
 and train.log. Later alarms of the same episode still act, and each detector's first of a batch is
-recorded in the events file. Under DDP the gradients are already all-reduced and the reported numbers are averaged over
-ranks before any test, so every rank takes the same decision. `record=true` also writes every watched
-number of every step to divergence/series.jsonl.
+recorded in the events file. Under DDP the gradients are already all-reduced and the reported numbers
+are averaged over ranks before any test, so every rank takes the same decision. `record=true` also writes
+every watched number of every step to divergence/series.jsonl.
 
 Cost: one scalar read per optimizer step (whether to drop an update must be known before it happens) and
 one read of the step's report per batch.
@@ -83,8 +83,12 @@ class DivergenceGuard(L.Callback):
         record: bool = False,
         history: int = 300,
     ):
-        settings = {"nonfinite": dict(nonfinite or {}), "spike": dict(spike or {}), "level": dict(level or {}),
-                    "collapse": dict(collapse or {})}
+        settings = {
+            "nonfinite": dict(nonfinite or {}),
+            "spike": dict(spike or {}),
+            "level": dict(level or {}),
+            "collapse": dict(collapse or {}),
+        }
         self.actions = {name: s.pop("action", None) or action for name, s in settings.items()}
         for name, chosen in self.actions.items():
             if chosen not in ACTIONS:
@@ -100,8 +104,10 @@ class DivergenceGuard(L.Callback):
         self.max_rollbacks = rollback.pop("max_rollbacks", 3)
         self.snapshot_every = rollback.pop("snapshot_every", 100)
         if rollback:
-            raise UserError(f"divergence.rollback.{next(iter(rollback))} is not an option: "
-                            "use lr_scale, max_rollbacks, snapshot_every")
+            raise UserError(
+                f"divergence.rollback.{next(iter(rollback))} is not an option: "
+                "use lr_scale, max_rollbacks, snapshot_every"
+            )
         self.report_every, self.max_bundle_bytes = report_every, max_bundle_mb * 2**20
         self.pictures, self.record = pictures, record
         self.rollbacks, self.lr_factor, self.bundle_bytes = 0, 1.0, 0
@@ -111,7 +117,10 @@ class DivergenceGuard(L.Callback):
         self._batch_idx = 0
         self._rng: dict[str, Any] = {}
         self._buffers: list[torch.Tensor] = []
-        self._acted_at, self._acted_by = -1, set()  # the last batch that acted, and on which detectors' alarms
+        self._acted_at, self._acted_by = (
+            -1,
+            set(),
+        )  # the last batch that acted, and on which detectors' alarms
         self._rollback_pending = False
         self._quiet_until: dict[str, int] = {}  # an episode of alarms on one series is reported once
         self._snapshot: dict[str, Any] | None = None
@@ -131,8 +140,10 @@ class DivergenceGuard(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for optimizer in trainer.optimizers:  # the rollbacks' learning-rate factor, applied inside each step
-            self._hooks += [optimizer.register_step_pre_hook(self._scale_lr),
-                            optimizer.register_step_post_hook(self._restore_lr)]
+            self._hooks += [
+                optimizer.register_step_pre_hook(self._scale_lr),
+                optimizer.register_step_post_hook(self._restore_lr),
+            ]
         if self.needs_snapshots:
             self._take_snapshot(trainer, pl_module)
 
@@ -141,8 +152,9 @@ class DivergenceGuard(L.Callback):
             hook.remove()
         self._hooks, self._snapshot = [], None
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._batch, self._batch_idx = batch, batch_idx
         self._rng = capture_rng()  # small; lets a replay draw the same noise and dropout masks
         # BatchNorm statistics move in the forward pass; a skipped update must not keep a bad batch's.
@@ -152,8 +164,9 @@ class DivergenceGuard(L.Callback):
         else:
             self._buffers = [b.detach().clone() for b in buffers]
 
-    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
-                                 optimizer: torch.optim.Optimizer) -> None:
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not params:
             return
@@ -163,31 +176,62 @@ class DivergenceGuard(L.Callback):
         series = f"grad_norm/{network}"
         self._remember(trainer, series, total)
         if not math.isfinite(total):
-            if self.enabled["nonfinite"] and trainer.precision != "16-mixed":  # fp16's scaler skips these itself
-                bad = [self._names.get(p, "?") for p, n in zip(params, norms.tolist()) if not math.isfinite(n)]
+            if (
+                self.enabled["nonfinite"] and trainer.precision != "16-mixed"
+            ):  # fp16's scaler skips these itself
+                bad = [
+                    self._names.get(p, "?") for p, n in zip(params, norms.tolist()) if not math.isfinite(n)
+                ]
                 layers = sorted({layer_name(name) for name in bad})
-                self._detect(trainer, pl_module, "nonfinite", series, f"non-finite gradients in {network} "
-                             f"({len(layers)} layers: {', '.join(layers[:3])}{', ...' if len(layers) > 3 else ''})",
-                             total, optimizer)
+                self._detect(
+                    trainer,
+                    pl_module,
+                    "nonfinite",
+                    series,
+                    f"non-finite gradients in {network} "
+                    f"({len(layers)} layers: {', '.join(layers[:3])}{', ...' if len(layers) > 3 else ''})",
+                    total,
+                    optimizer,
+                )
             return
         for kind, alarm in self.watch.update(series, total, loss=False):
-            self._detect(trainer, pl_module, kind, series, f"gradient norm of {network} is {total:.4g}, "
-                         f"{alarm.describe()}", total, optimizer, alarm)
+            self._detect(
+                trainer,
+                pl_module,
+                kind,
+                series,
+                f"gradient norm of {network} is {total:.4g}, {alarm.describe()}",
+                total,
+                optimizer,
+                alarm,
+            )
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         report = step_report(pl_module, outputs)
         readings = self._check_report(trainer, pl_module, report) if report is not None else {}
         if self.record and trainer.is_global_zero:
-            self._write_record(trainer, {"step": log_step(trainer), "epoch": trainer.current_epoch,
-                                         "batch_idx": batch_idx, "values": readings, "grad_norms": self._grad_norms,
-                                         "report": report.describe() if report is not None else None})
+            self._write_record(
+                trainer,
+                {
+                    "step": log_step(trainer),
+                    "epoch": trainer.current_epoch,
+                    "batch_idx": batch_idx,
+                    "values": readings,
+                    "grad_norms": self._grad_norms,
+                    "report": report.describe() if report is not None else None,
+                },
+            )
         self._grad_norms = defaultdict(list)
         if self._rollback_pending:
             self._rollback_pending = False
             self._rollback(trainer, pl_module)
-        elif (self.needs_snapshots and self._acted_at != log_step(trainer)
-              and (log_step(trainer) + 1) % self.snapshot_every == 0):
+        elif (
+            self.needs_snapshots
+            and self._acted_at != log_step(trainer)
+            and (log_step(trainer) + 1) % self.snapshot_every == 0
+        ):
             self._take_snapshot(trainer, pl_module)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -198,7 +242,11 @@ class DivergenceGuard(L.Callback):
             self._write_record(trainer, {"step": log_step(trainer), "val": values})
         report = pl_module.validation_report if isinstance(pl_module, Task) else None
         diversity = report.sample_diversity if report is not None else None
-        if diversity is not None and self.enabled["collapse"] and (reason := self.collapse.validation(diversity)):
+        if (
+            diversity is not None
+            and self.enabled["collapse"]
+            and (reason := self.collapse.validation(diversity))
+        ):
             self._detect(trainer, pl_module, "collapse", "sample_diversity", reason, diversity)
             if self._rollback_pending:  # no step is under way: go back now
                 self._rollback_pending = False
@@ -206,7 +254,9 @@ class DivergenceGuard(L.Callback):
 
     # -- checks -------------------------------------------------------------------------------------
 
-    def _check_report(self, trainer: L.Trainer, pl_module: L.LightningModule, report: StepReport) -> dict[str, float]:
+    def _check_report(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, report: StepReport
+    ) -> dict[str, float]:
         """Checks the step's reported numbers, read once (and averaged over ranks); returns them."""
         scalars = report.scalars()
         values = torch.stack([v.float().reshape(()) for v in scalars.values()])
@@ -218,13 +268,26 @@ class DivergenceGuard(L.Callback):
         broken = [name for name, value in readings.items() if not math.isfinite(value)]
         if broken and self.enabled["nonfinite"]:
             name = next((n for n in broken if n in report.losses), broken[0])
-            self._detect(trainer, pl_module, "nonfinite", name, f"{', '.join(broken)} "
-                         f"{'is' if len(broken) == 1 else 'are'} {readings[name]}", readings[name])
+            self._detect(
+                trainer,
+                pl_module,
+                "nonfinite",
+                name,
+                f"{', '.join(broken)} {'is' if len(broken) == 1 else 'are'} {readings[name]}",
+                readings[name],
+            )
             return readings
         for name in report.losses:
             for kind, alarm in self.watch.update(name, readings[name], loss=True):
-                self._detect(trainer, pl_module, kind, name, f"{name} is {readings[name]:.4g}, {alarm.describe()}",
-                             readings[name], alarm=alarm)
+                self._detect(
+                    trainer,
+                    pl_module,
+                    kind,
+                    name,
+                    f"{name} is {readings[name]:.4g}, {alarm.describe()}",
+                    readings[name],
+                    alarm=alarm,
+                )
         if self.enabled["collapse"] and (collapsed := self.collapse.step(report, readings)) is not None:
             series, reason = collapsed
             self._detect(trainer, pl_module, "collapse", series, reason, readings[series])
@@ -237,8 +300,17 @@ class DivergenceGuard(L.Callback):
 
     # -- acting -------------------------------------------------------------------------------------
 
-    def _detect(self, trainer: L.Trainer, pl_module: L.LightningModule, detector: str, series: str, reason: str,
-                value: float, optimizer: torch.optim.Optimizer | None = None, alarm: Alarm | None = None) -> None:
+    def _detect(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        detector: str,
+        series: str,
+        reason: str,
+        value: float,
+        optimizer: torch.optim.Optimizer | None = None,
+        alarm: Alarm | None = None,
+    ) -> None:
         step = log_step(trainer)
         if step != self._acted_at:
             self._acted_at, self._acted_by = step, set()
@@ -255,19 +327,30 @@ class DivergenceGuard(L.Callback):
             action, reason = "halt", f"{reason}; {self.max_rollbacks} rollbacks did not help"
         # Every alarm acts; each detector's first of a batch is recorded, and reported unless its episode was.
         episodic = detector in ("spike", "level")
-        reported = action == "halt" or first and (not episodic or step >= self._quiet_until.get(series, 0))
+        reported = action == "halt" or (first and (not episodic or step >= self._quiet_until.get(series, 0)))
         if episodic and reported:
             self._quiet_until[series] = step + self.report_every
-        event = {"detector": detector, "series": series, "reason": reason, "value": value, "step": step,
-                 "action": action, "reported": reported, "global_step": trainer.global_step, "lr_factor": self.lr_factor,
-                 "optimizer_index": next((i for i, o in enumerate(trainer.optimizers) if o is optimizer), None),
-                 **({"limit": alarm.limit} if alarm is not None and math.isfinite(alarm.limit) else {})}
+        event = {
+            "detector": detector,
+            "series": series,
+            "reason": reason,
+            "value": value,
+            "step": step,
+            "action": action,
+            "reported": reported,
+            "global_step": trainer.global_step,
+            "lr_factor": self.lr_factor,
+            "optimizer_index": next((i for i, o in enumerate(trainer.optimizers) if o is optimizer), None),
+            **({"limit": alarm.limit} if alarm is not None and math.isfinite(alarm.limit) else {}),
+        }
         if reported:
             self._report(trainer, pl_module, event, action, optimizer)
         if first or reported:
             self._record_event(trainer, event)
         if action == "clip":
-            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            grads = [
+                p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None
+            ]
             torch._foreach_mul_(grads, alarm.limit / value)
         elif action in ("skip", "rollback"):
             _drop_update(optimizer)
@@ -277,12 +360,20 @@ class DivergenceGuard(L.Callback):
         elif action == "halt":
             halt_checkpoint = Path(trainer.default_root_dir) / "checkpoints" / f"halt-step{step:06d}.ckpt"
             trainer.save_checkpoint(halt_checkpoint, weights_only=False)
-            raise DivergenceHalt(f"divergence at step {step}: {reason}. Stopped (divergence.{detector}.action=halt); "
-                                 f"bundle: {event.get('bundle')}; replay it with: python -m trainer.replay "
-                                 f"{event.get('bundle')}")
+            raise DivergenceHalt(
+                f"divergence at step {step}: {reason}. Stopped (divergence.{detector}.action=halt); "
+                f"bundle: {event.get('bundle')}; replay it with: python -m trainer.replay "
+                f"{event.get('bundle')}"
+            )
 
-    def _report(self, trainer: L.Trainer, pl_module: L.LightningModule, event: dict[str, Any], action: str,
-                optimizer: torch.optim.Optimizer | None) -> None:
+    def _report(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        event: dict[str, Any],
+        action: str,
+        optimizer: torch.optim.Optimizer | None,
+    ) -> None:
         """The evidence: bundle (within the size cap), picture, and a warning."""
         step, detector = event["step"], event["detector"]
         folder = bundle_dir(trainer.default_root_dir, step, detector)
@@ -297,15 +388,26 @@ class DivergenceGuard(L.Callback):
             event["bundle"] = str(folder)
             if trainer.is_global_zero:
                 names = [name for name, _ in _float_buffers(pl_module)]
-                write_bundle(trainer, pl_module, folder, detection=event, batch=batch, rng=self._rng,
-                             batch_idx=self._batch_idx, buffers_at_start=dict(zip(names, self._buffers)),
-                             history=history, layer_grad_norms=layer_norms)
+                write_bundle(
+                    trainer,
+                    pl_module,
+                    folder,
+                    detection=event,
+                    batch=batch,
+                    rng=self._rng,
+                    batch_idx=self._batch_idx,
+                    buffers_at_start=dict(zip(names, self._buffers)),
+                    history=history,
+                    layer_grad_norms=layer_norms,
+                )
                 _log_bundle_artifact(trainer, folder)
             notes.append(f"bundle: {folder}")
         else:
             notes.append(f"no bundle: divergence.max_bundle_mb={self.max_bundle_bytes / 2**20:g} reached")
         if self.pictures and trainer.is_global_zero:
-            picture = draw_event(folder / "event.png", f"step {step}: {event['reason']}", history, step, layer_norms)
+            picture = draw_event(
+                folder / "event.png", f"step {step}: {event['reason']}", history, step, layer_norms
+            )
             event["picture"] = str(picture)
             _log_picture(trainer, picture, step)
             notes.append(f"picture: {picture}")
@@ -319,26 +421,37 @@ class DivergenceGuard(L.Callback):
         if not layers:
             return {}
         params = [p for ps in layers.values() for p in ps]
-        norms = per_layer_norms([p.grad.detach() for p in params], layer_owners(layers, params[0].device), len(layers))
+        norms = per_layer_norms(
+            [p.grad.detach() for p in params], layer_owners(layers, params[0].device), len(layers)
+        )
         return dict(zip(layers, norms.tolist()))
 
     def _restore_buffers(self, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer | None) -> None:
         """Puts back the BatchNorm statistics that the bad batch moved: of the network whose update is
         dropped (its forward pass is over; another network's graph may still need its own), or of all."""
-        owned = {self._names.get(p, "").split(".", 1)[0] for g in optimizer.param_groups for p in g["params"]} \
-            if optimizer is not None else None
-        pairs = [(b, saved) for (name, b), saved in zip(_float_buffers(pl_module), self._buffers)
-                 if owned is None or name.split(".", 1)[0] in owned]
+        owned = (
+            {self._names.get(p, "").split(".", 1)[0] for g in optimizer.param_groups for p in g["params"]}
+            if optimizer is not None
+            else None
+        )
+        pairs = [
+            (b, saved)
+            for (name, b), saved in zip(_float_buffers(pl_module), self._buffers)
+            if owned is None or name.split(".", 1)[0] in owned
+        ]
         if pairs:
             torch._foreach_copy_([b for b, _ in pairs], [saved for _, saved in pairs])
 
     # -- rollback -----------------------------------------------------------------------------------
 
     def _take_snapshot(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """What a rollback restores, copied to CPU memory: what a checkpoint holds of the model, the optimizers
-        and schedulers, and the task's own state (its `on_save_checkpoint`)."""
-        state = {"state_dict": pl_module.state_dict(), "optimizer_states": [o.state_dict() for o in trainer.optimizers],
-                 "lr_schedulers": [c.scheduler.state_dict() for c in trainer.lr_scheduler_configs]}
+        """What a rollback restores, copied to CPU memory: what a checkpoint holds of the model, the
+        optimizers and schedulers, and the task's own state (its `on_save_checkpoint`)."""
+        state = {
+            "state_dict": pl_module.state_dict(),
+            "optimizer_states": [o.state_dict() for o in trainer.optimizers],
+            "lr_schedulers": [c.scheduler.state_dict() for c in trainer.lr_scheduler_configs],
+        }
         pl_module.on_save_checkpoint(state)
         self._snapshot = {**to_cpu(state), "step": log_step(trainer)}
 
@@ -349,7 +462,9 @@ class DivergenceGuard(L.Callback):
             return
         pl_module.load_state_dict(snapshot["state_dict"])
         for optimizer, state in zip(trainer.optimizers, to_cpu(snapshot["optimizer_states"])):  # (a copy: the
-            optimizer.load_state_dict(state)  # optimizer would otherwise update the snapshot's tensors in place)
+            optimizer.load_state_dict(
+                state
+            )  # optimizer would otherwise update the snapshot's tensors in place)
         for config, state in zip(trainer.lr_scheduler_configs, snapshot["lr_schedulers"]):
             config.scheduler.load_state_dict(state)
         pl_module.on_load_checkpoint(to_cpu(snapshot))
@@ -360,8 +475,10 @@ class DivergenceGuard(L.Callback):
         for logger in trainer.loggers:
             logger.log_metrics({"divergence/lr_factor": self.lr_factor}, step=log_step(trainer))
         if trainer.is_global_zero:
-            log.warning(f"divergence rollback {self.rollbacks}: back to the state of step {snapshot['step']}; "
-                        f"learning rates now x{self.lr_factor:g} of their schedule")
+            log.warning(
+                f"divergence rollback {self.rollbacks}: back to the state of step {snapshot['step']}; "
+                f"learning rates now x{self.lr_factor:g} of their schedule"
+            )
 
     def _scale_lr(self, optimizer: torch.optim.Optimizer, *args: Any) -> None:
         if self.lr_factor != 1.0:
@@ -390,9 +507,14 @@ class DivergenceGuard(L.Callback):
             f.write(json.dumps(line, allow_nan=True) + "\n")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rollbacks": self.rollbacks, "lr_factor": self.lr_factor, "bundle_bytes": self.bundle_bytes,
-                "watch": self.watch.state_dict(),
-                "collapse": self.collapse.state_dict(), "quiet_until": self._quiet_until}
+        return {
+            "rollbacks": self.rollbacks,
+            "lr_factor": self.lr_factor,
+            "bundle_bytes": self.bundle_bytes,
+            "watch": self.watch.state_dict(),
+            "collapse": self.collapse.state_dict(),
+            "quiet_until": self._quiet_until,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rollbacks, self.lr_factor = state["rollbacks"], state["lr_factor"]

@@ -30,7 +30,9 @@ class FaultInjector(L.Callback):
     def _active(self, trainer: L.Trainer) -> bool:
         return log_step(trainer) == self.step and self.rank in (None, trainer.global_rank)
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, *args: Any) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, *args: Any
+    ) -> None:
         if not self._active(trainer):
             return
         if self.kind == "nan_batch":
@@ -38,7 +40,9 @@ class FaultInjector(L.Callback):
         elif self.kind == "nan_weight":
             modules = dict(pl_module.named_modules())
             if self.layer not in modules or not list(modules[self.layer].parameters(recurse=False)):
-                raise UserError(f"divergence.inject.layer={self.layer} is not a layer with weights of this model")
+                raise UserError(
+                    f"divergence.inject.layer={self.layer} is not a layer with weights of this model"
+                )
             with torch.no_grad():
                 next(modules[self.layer].parameters(recurse=False)).view(-1)[0] = float("nan")
         else:

@@ -1,4 +1,5 @@
-"""LR range test (Smith, 2017): raise the learning rate exponentially, one batch at a time, and watch the loss.
+"""LR range test (Smith, 2017): raise the learning rate exponentially, one batch at a time, and watch the
+loss.
 
 `python -m trainer +exp=NAME mode=lr_find [lr_find.min_lr=1e-7 lr_find.max_lr=1 lr_find.num_steps=100]`
 trains from the initial weights with every optimizer's learning rate set to the sweep value, stops when the
@@ -31,8 +32,14 @@ def lr_find_config(cfg: DictConfig) -> DictConfig:
 
 
 class LRRangeTest(L.Callback):
-    def __init__(self, min_lr: float = 1e-7, max_lr: float = 1.0, num_steps: int = 100, stop_factor: float = 4.0,
-                 smoothing: float = 0.9):
+    def __init__(
+        self,
+        min_lr: float = 1e-7,
+        max_lr: float = 1.0,
+        num_steps: int = 100,
+        stop_factor: float = 4.0,
+        smoothing: float = 0.9,
+    ):
         if not 0 < min_lr < max_lr or num_steps < 3:
             raise ValueError("lr_find needs 0 < min_lr < max_lr and num_steps >= 3")
         self.min_lr, self.max_lr, self.num_steps = min_lr, max_lr, num_steps
@@ -51,13 +58,19 @@ class LRRangeTest(L.Callback):
                 group["lr"] = lr
         self.lrs.append(lr)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any
+    ) -> None:
         report = step_report(pl_module, outputs)
         loss = float(sum(v.float() for v in report.losses.values())) if report is not None else math.nan
         self._average = self.smoothing * self._average + (1 - self.smoothing) * loss
         smoothed = self._average / (1 - self.smoothing ** len(self.lrs))  # bias-corrected
         self.losses.append(smoothed)
-        if len(self.lrs) >= self.num_steps or not math.isfinite(smoothed) or smoothed > self.stop_factor * min(self.losses):
+        if (
+            len(self.lrs) >= self.num_steps
+            or not math.isfinite(smoothed)
+            or smoothed > self.stop_factor * min(self.losses)
+        ):
             trainer.should_stop = True
 
     def suggestion(self) -> float | None:
@@ -74,14 +87,19 @@ class LRRangeTest(L.Callback):
             return
         run_dir = Path(trainer.default_root_dir)
         suggested = self.suggestion()
-        (run_dir / "lr_find.json").write_text(json.dumps({"lr": self.lrs, "loss": self.losses, "suggested_lr": suggested}))
+        (run_dir / "lr_find.json").write_text(
+            json.dumps({"lr": self.lrs, "loss": self.losses, "suggested_lr": suggested})
+        )
         plot = self._plot(run_dir / "lr_find.png", suggested)
         for logger in trainer.loggers:
             logger.log_metrics({"lr_find/suggested_lr": suggested or float("nan")}, step=len(self.lrs))
             if hasattr(logger, "log_image"):
                 logger.log_image("lr_find", [str(plot)])
-        print(f"trainer: lr_find suggests lr={suggested:.3g} (loss against lr: {plot})" if suggested
-              else "trainer: lr_find found no falling stretch of the loss; widen lr_find.min_lr/max_lr")
+        print(
+            f"trainer: lr_find suggests lr={suggested:.3g} (loss against lr: {plot})"
+            if suggested
+            else "trainer: lr_find found no falling stretch of the loss; widen lr_find.min_lr/max_lr"
+        )
 
     def _plot(self, path: Path, suggested: float | None) -> Path:
         import matplotlib

@@ -11,8 +11,14 @@ Series = dict[str, list[tuple[int, float]]]  # name -> (step, value) pairs, olde
 MAX_LAYERS = 30  # the largest gradients (and every non-finite one); a transformer has hundreds of layers
 
 
-def draw_event(path: Path, title: str, series: Series, step: int, layer_norms: dict[str, float],
-               layers_title: str = "gradient norm per layer at the event") -> Path:
+def draw_event(
+    path: Path,
+    title: str,
+    series: Series,
+    step: int,
+    layer_norms: dict[str, float],
+    layers_title: str = "gradient norm per layer at the event",
+) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -22,7 +28,13 @@ def draw_event(path: Path, title: str, series: Series, step: int, layer_norms: d
     columns = 2 if len(names) > 3 else 1
     rows = max(1, math.ceil(len(names) / columns))
     layers = _largest(layer_norms)
-    fig = plt.figure(figsize=(6 * columns + 5, max(3.0, 1.8 * rows), ), constrained_layout=True)
+    fig = plt.figure(
+        figsize=(
+            6 * columns + 5,
+            max(3.0, 1.8 * rows),
+        ),
+        constrained_layout=True,
+    )
     grid = fig.add_gridspec(rows, columns + 1, width_ratios=[3] * columns + [2.5])
     for i, name in enumerate(names):
         _plot_series(fig.add_subplot(grid[i // columns, i % columns]), name, series[name], step)
@@ -66,5 +78,7 @@ def _plot_layers(ax, layers: dict[str, float], title: str) -> None:
 
 
 def _largest(norms: dict[str, float]) -> dict[str, float]:
-    order = sorted(norms, key=lambda n: (math.isfinite(norms[n]), -norms[n] if math.isfinite(norms[n]) else 0))
+    order = sorted(
+        norms, key=lambda n: (math.isfinite(norms[n]), -norms[n] if math.isfinite(norms[n]) else 0)
+    )
     return {n: norms[n] for n in order[:MAX_LAYERS]}

@@ -1,4 +1,5 @@
-"""Runs the job on a Ray cluster with Ray Train: the same `train()` on every worker, DDP (or FSDP) between them.
+"""Runs the job on a Ray cluster with Ray Train: the same `train()` on every worker, DDP (or FSDP) between
+them.
 
 The driver (this process) connects to a cluster (or starts one on this machine), checks that it can hold
 the workers, and hands the resolved config to a TorchTrainer. Each worker builds the run exactly as
@@ -109,7 +110,9 @@ class RayLauncher:
         if self.address not in ("auto",) and not self.address.startswith("ray://"):
             host, _, port = self.address.rpartition(":")
             try:
-                socket.create_connection((host or "127.0.0.1", int(port)), timeout=self.connect_timeout_s).close()
+                socket.create_connection(
+                    (host or "127.0.0.1", int(port)), timeout=self.connect_timeout_s
+                ).close()
             except (OSError, ValueError) as e:
                 raise UserError(
                     f"cannot reach the Ray cluster at launcher.address={self.address} ({e}): start it with "
@@ -118,7 +121,9 @@ class RayLauncher:
         try:
             ray.init(address=self.address, include_dashboard=False, configure_logging=False)
         except ConnectionError as e:
-            raise UserError(f"cannot connect to the Ray cluster at launcher.address={self.address}: {e}") from None
+            raise UserError(
+                f"cannot connect to the Ray cluster at launcher.address={self.address}: {e}"
+            ) from None
 
     def _check_capacity(self, available: dict[str, float]) -> None:
         """Refuse at once a request the cluster can never hold, rather than wait for it forever."""
@@ -129,7 +134,8 @@ class RayLauncher:
             need, have = per_worker * self.num_workers, available.get(resource, 0)
             if need > have:
                 raise UserError(
-                    f"launcher.num_workers={self.num_workers} x {per_worker:g} {resource} needs {need:g} {resource}, "
+                    f"launcher.num_workers={self.num_workers} x {per_worker:g} {resource} "
+                    f"needs {need:g} {resource}, "
                     f"the Ray cluster has {have:g}: lower launcher.num_workers or "
                     f"launcher.resources_per_worker, or add nodes"
                 )

@@ -39,7 +39,9 @@ class SlurmJob:
     account: str | None = None
     qos: str | None = None
     job_name: str | None = None
-    extra_sbatch: list[str] = field(default_factory=list)  # more "#SBATCH ..." lines, e.g. "--constraint=a100"
+    extra_sbatch: list[str] = field(
+        default_factory=list
+    )  # more "#SBATCH ..." lines, e.g. "--constraint=a100"
     setup: list[str] = field(default_factory=list)  # shell lines before training: modules, environments
     signal_seconds: int = 120  # warning before the time limit: save, requeue
     via_ray: bool | None = None  # run through a Ray cluster in the allocation; None: when nodes > 1
@@ -96,23 +98,33 @@ def slurm_job(cfg: DictConfig) -> SlurmJob:
 def validate(cfg: DictConfig, job: SlurmJob) -> None:
     """Refuse a config that contradicts the allocation before anything is queued."""
     if job.nodes < 1 or job.gpus_per_node < 0:
-        raise UserError(f"slurm.nodes={job.nodes}, slurm.gpus_per_node={job.gpus_per_node}: need nodes >= 1, gpus >= 0")
+        raise UserError(
+            f"slurm.nodes={job.nodes}, slurm.gpus_per_node={job.gpus_per_node}: need nodes >= 1, gpus >= 0"
+        )
     devices = cfg.trainer.get("devices", 1)
     if cfg.mode == "tune" and job.via_ray is False:
         raise UserError("mode=tune runs Ray Tune on a Ray cluster in the job: drop slurm.via_ray=false")
     if job.nodes > 1 and job.via_ray is False:
-        raise UserError(f"slurm.nodes={job.nodes} with slurm.via_ray=false: several nodes run through Ray; "
-                        "drop slurm.via_ray")
+        raise UserError(
+            f"slurm.nodes={job.nodes} with slurm.via_ray=false: several nodes run through Ray; "
+            "drop slurm.via_ray"
+        )
     if devices not in (1, "auto", -1, job.tasks_per_node) and not job.uses_ray:
-        raise UserError(f"trainer.devices={devices} but slurm.gpus_per_node={job.gpus_per_node} gives "
-                        f"{job.tasks_per_node} task(s) per node: make them equal (or leave trainer.devices unset)")
+        raise UserError(
+            f"trainer.devices={devices} but slurm.gpus_per_node={job.gpus_per_node} gives "
+            f"{job.tasks_per_node} task(s) per node: make them equal (or leave trainer.devices unset)"
+        )
     if cfg.trainer.get("num_nodes", 1) not in (1, job.nodes):
-        raise UserError(f"trainer.num_nodes={cfg.trainer.num_nodes} but slurm.nodes={job.nodes}: drop "
-                        "trainer.num_nodes, the job sets it")
+        raise UserError(
+            f"trainer.num_nodes={cfg.trainer.num_nodes} but slurm.nodes={job.nodes}: drop "
+            "trainer.num_nodes, the job sets it"
+        )
     capacity = job.nodes * job.tasks_per_node
     if job.ray_workers is not None and not 1 <= job.ray_workers <= capacity:
-        raise UserError(f"slurm.ray_workers={job.ray_workers} but {job.nodes} node(s) x {job.tasks_per_node} "
-                        f"slot(s) hold {capacity}: lower slurm.ray_workers or ask for more nodes or GPUs")
+        raise UserError(
+            f"slurm.ray_workers={job.ray_workers} but {job.nodes} node(s) x {job.tasks_per_node} "
+            f"slot(s) hold {capacity}: lower slurm.ray_workers or ask for more nodes or GPUs"
+        )
 
 
 def task_overrides() -> list[str]:
@@ -130,17 +142,26 @@ def render(cfg: DictConfig, job: SlurmJob, run_dir: Path, overrides: list[str]) 
     elif not job.uses_ray:
         template = "single_node.sbatch"
         accelerator = "gpu" if job.gpus_per_node else "cpu"
-        inner = [f"hydra.run.dir={run_dir}", "launcher=local", f"++trainer.accelerator={accelerator}",
-                 f"++trainer.devices={job.tasks_per_node}",
-                 "++trainer.num_nodes=1"]
+        inner = [
+            f"hydra.run.dir={run_dir}",
+            "launcher=local",
+            f"++trainer.accelerator={accelerator}",
+            f"++trainer.devices={job.tasks_per_node}",
+            "++trainer.num_nodes=1",
+        ]
         if job.tasks_per_node > 1:
             inner.append("++trainer.strategy=ddp")
     else:
         template = "ray_multi_node.sbatch"
         workers = job.ray_workers or job.nodes * job.tasks_per_node
-        inner = [f"hydra.run.dir={run_dir}", "launcher=ray", "launcher.address=auto", f"launcher.num_workers={workers}",
-                 f"launcher.use_gpu={str(job.gpus_per_node > 0).lower()}",
-                 f"launcher.storage_path={run_dir / 'ray'}"]
+        inner = [
+            f"hydra.run.dir={run_dir}",
+            "launcher=ray",
+            "launcher.address=auto",
+            f"launcher.num_workers={workers}",
+            f"launcher.use_gpu={str(job.gpus_per_node > 0).lower()}",
+            f"launcher.storage_path={run_dir / 'ray'}",
+        ]
     values = {
         "sbatch": "\n".join(f"#SBATCH {line}" for line in sbatch_lines(cfg, job, run_dir, template)),
         "setup": "\n".join(job.setup),
@@ -180,22 +201,35 @@ def sbatch_lines(cfg: DictConfig, job: SlurmJob, run_dir: Path, template: str) -
     if job.sweep_file:
         runs = [line for line in Path(job.sweep_file).read_text().splitlines() if line.strip()]
         lines.append(f"--array=0-{len(runs) - 1}")
-    lines += [f"--{key}={value}" for key, value in (("partition", job.partition), ("account", job.account),
-                                                    ("qos", job.qos), ("mem", job.mem)) if value]
+    lines += [
+        f"--{key}={value}"
+        for key, value in (
+            ("partition", job.partition),
+            ("account", job.account),
+            ("qos", job.qos),
+            ("mem", job.mem),
+        )
+        if value
+    ]
     lines += [extra.removeprefix("#SBATCH").strip() for extra in job.extra_sbatch]
     return lines
 
 
 def submit(script: Path, test_first: bool = True) -> str:
     if shutil.which("sbatch") is None:
-        raise UserError("sbatch is not on PATH: submit from a SLURM login node, or use slurm.dry_run=true "
-                        f"and copy {script} there")
+        raise UserError(
+            "sbatch is not on PATH: submit from a SLURM login node, or use slurm.dry_run=true "
+            f"and copy {script} there"
+        )
     if test_first:
-        check = subprocess.run(["sbatch", "--test-only", str(script)], capture_output=True, text=True, timeout=60)
+        check = subprocess.run(
+            ["sbatch", "--test-only", str(script)], capture_output=True, text=True, timeout=60
+        )
         if check.returncode != 0:
-            raise UserError(f"sbatch --test-only refused {script}: {check.stderr.strip() or check.stdout.strip()}")
+            raise UserError(
+                f"sbatch --test-only refused {script}: {check.stderr.strip() or check.stdout.strip()}"
+            )
     done = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, timeout=60)
     if done.returncode != 0:
         raise UserError(f"sbatch refused {script}: {done.stderr.strip() or done.stdout.strip()}")
     return done.stdout.strip().split(";")[0]
-

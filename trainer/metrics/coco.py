@@ -26,16 +26,25 @@ class CocoScores:
     per_class50: dict[str, float]  # category name -> AP50
 
 
-def detections_to_coco(image_ids: Sequence[int], predictions: Sequence[dict[str, torch.Tensor]],
-                       label_to_category: Sequence[int]) -> list[dict[str, Any]]:
+def detections_to_coco(
+    image_ids: Sequence[int], predictions: Sequence[dict[str, torch.Tensor]], label_to_category: Sequence[int]
+) -> list[dict[str, Any]]:
     """torchvision-style predictions (xyxy boxes, labels 0..K-1, scores) as COCO result entries."""
     results = []
     for image_id, prediction in zip(image_ids, predictions):
         xyxy = prediction["boxes"].detach().float().cpu()  # (on CPU, the caller's own tensor: not in place)
         boxes = torch.cat([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], dim=1)  # xyxy -> xywh
-        for box, label, score in zip(boxes.tolist(), prediction["labels"].tolist(), prediction["scores"].tolist()):
-            results.append({"image_id": int(image_id), "category_id": label_to_category[label], "bbox": box,
-                            "score": score})
+        for box, label, score in zip(
+            boxes.tolist(), prediction["labels"].tolist(), prediction["scores"].tolist()
+        ):
+            results.append(
+                {
+                    "image_id": int(image_id),
+                    "category_id": label_to_category[label],
+                    "bbox": box,
+                    "score": score,
+                }
+            )
     return results
 
 
@@ -64,14 +73,20 @@ def coco_ap(ground_truth: dict[str, Any], detections: list[dict[str, Any]]) -> C
         return float(valid.mean()) if valid.size else float("nan")
 
     categories = list(enumerate(evaluation.params.catIds))
-    return CocoScores(mean(precision), mean(precision[0]), mean(precision[5]),
-                      per_class={names[c]: mean(precision[:, :, k]) for k, c in categories},
-                      per_class50={names[c]: mean(precision[0, :, k]) for k, c in categories})
+    return CocoScores(
+        mean(precision),
+        mean(precision[0]),
+        mean(precision[5]),
+        per_class={names[c]: mean(precision[:, :, k]) for k, c in categories},
+        per_class50={names[c]: mean(precision[0, :, k]) for k, c in categories},
+    )
 
 
 def _with_defaults(ground_truth: dict[str, Any]) -> dict[str, Any]:
     """The fields COCOeval reads that a minimal COCO file may leave out (area, iscrowd), and annotation ids
     from 1: COCOeval takes id 0 for "unmatched"."""
-    annotations = [{**a, "area": a.get("area", a["bbox"][2] * a["bbox"][3]), "iscrowd": a.get("iscrowd", 0),
-                    "id": i + 1} for i, a in enumerate(ground_truth["annotations"])]
+    annotations = [
+        {**a, "area": a.get("area", a["bbox"][2] * a["bbox"][3]), "iscrowd": a.get("iscrowd", 0), "id": i + 1}
+        for i, a in enumerate(ground_truth["annotations"])
+    ]
     return {**ground_truth, "annotations": annotations}

@@ -51,7 +51,10 @@ def squad_metrics(predictions: dict[str, str], examples: Sequence[Example]) -> d
     scored = [(e, *score(predictions[e.id], e.answers)) for e in examples if e.id in predictions]
     if not scored:
         return {}
-    metrics = {"exact": 100 * np.mean([em for _, em, _ in scored]), "f1": 100 * np.mean([f1 for _, _, f1 in scored])}
+    metrics = {
+        "exact": 100 * np.mean([em for _, em, _ in scored]),
+        "f1": 100 * np.mean([f1 for _, _, f1 in scored]),
+    }
     unanswerable = [f1 for e, _, f1 in scored if not e.answers]
     if unanswerable:
         answerable = [f1 for e, _, f1 in scored if e.answers]
@@ -73,9 +76,9 @@ def predict_answers(
     and end logits over its tokens).
 
     Candidates are the `n_best` start and end tokens of each window that lie in the context, with
-    start <= end < start + max_answer_length and a non-empty text; the best scores start + end logit. With unanswerable questions
-    (SQuAD v2) the answer is empty when the [CLS] score of the best window beats it by more than
-    `null_threshold`.
+    start <= end < start + max_answer_length and a non-empty text; the best scores start + end logit. With
+    unanswerable questions (SQuAD v2) the answer is empty when the [CLS] score of the best window beats it
+    by more than `null_threshold`.
     """
     by_example: dict[int, list[int]] = collections.defaultdict(list)
     for feature_index in logits:

@@ -29,7 +29,9 @@ def generalized_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Pairwise GIoU (Rezatofighi et al., 2019), (N, M): IoU minus the part of the smallest enclosing box
     that neither box covers; in [-1, 1], and informative for boxes that do not overlap."""
     inter, union = _intersection_union(a, b)
-    enclosing = (torch.max(a[:, None, 2:], b[None, :, 2:]) - torch.min(a[:, None, :2], b[None, :, :2])).prod(-1)
+    enclosing = (torch.max(a[:, None, 2:], b[None, :, 2:]) - torch.min(a[:, None, :2], b[None, :, :2])).prod(
+        -1
+    )
     return inter / union.clamp(min=1e-9) - (enclosing - union) / enclosing.clamp(min=1e-9)
 
 
@@ -41,11 +43,13 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torc
     keep = torch.ones(len(order), dtype=torch.bool, device=boxes.device)
     for i in range(len(order)):
         if keep[i]:
-            keep[i + 1:] &= iou[i, i + 1:] <= iou_threshold
+            keep[i + 1 :] &= iou[i, i + 1 :] <= iou_threshold
     return order[keep]
 
 
-def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+def batched_nms(
+    boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou_threshold: float
+) -> torch.Tensor:
     """NMS within each label: boxes of different classes never suppress each other (they are shifted apart
     by more than any box's extent)."""
     if len(boxes) == 0:
@@ -54,8 +58,9 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
     return nms(boxes + offsets[:, None], scores, iou_threshold)
 
 
-def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25,
-                       gamma: float = 2.0) -> torch.Tensor:
+def sigmoid_focal_loss(
+    logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0
+) -> torch.Tensor:
     """Focal loss (Lin et al., 2017), summed: binary cross-entropy scaled by (1 - p_t)^gamma, so that the
     many easy negatives of a dense detector do not drown the few positives; alpha weighs the positives."""
     p = logits.sigmoid()

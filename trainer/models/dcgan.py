@@ -5,6 +5,7 @@ reaches `image_size`; the discriminator mirrors it with strided convolutions. Wi
 or double (discriminator) at every resolution step, as in the paper.
 """
 
+import itertools
 import math
 
 import torch
@@ -38,8 +39,12 @@ class Generator(nn.Module):
             nn.BatchNorm2d(widths[0]),
             nn.ReLU(inplace=True),
         ]
-        for w_in, w_out in zip(widths, widths[1:]):
-            layers += [nn.ConvTranspose2d(w_in, w_out, 4, 2, 1, bias=False), nn.BatchNorm2d(w_out), nn.ReLU(True)]
+        for w_in, w_out in itertools.pairwise(widths):
+            layers += [
+                nn.ConvTranspose2d(w_in, w_out, 4, 2, 1, bias=False),
+                nn.BatchNorm2d(w_out),
+                nn.ReLU(True),
+            ]
         layers += [nn.ConvTranspose2d(widths[-1], channels, 4, 2, 1, bias=False), nn.Tanh()]
         self.net = nn.Sequential(*layers)
         self.apply(init_dcgan_weights)
@@ -55,9 +60,16 @@ class Discriminator(nn.Module):
         super().__init__()
         steps = _num_upsamplings(image_size)
         widths = [width * 2**i for i in range(steps)]  # e.g. [64, 128, 256] for 32x32
-        layers: list[nn.Module] = [nn.Conv2d(channels, widths[0], 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True)]
-        for w_in, w_out in zip(widths, widths[1:]):
-            layers += [nn.Conv2d(w_in, w_out, 4, 2, 1, bias=False), nn.BatchNorm2d(w_out), nn.LeakyReLU(0.2, True)]
+        layers: list[nn.Module] = [
+            nn.Conv2d(channels, widths[0], 4, 2, 1, bias=False),
+            nn.LeakyReLU(0.2, True),
+        ]
+        for w_in, w_out in itertools.pairwise(widths):
+            layers += [
+                nn.Conv2d(w_in, w_out, 4, 2, 1, bias=False),
+                nn.BatchNorm2d(w_out),
+                nn.LeakyReLU(0.2, True),
+            ]
         layers += [nn.Conv2d(widths[-1], 1, 4, 1, 0, bias=False)]  # 4x4 -> 1x1
         self.net = nn.Sequential(*layers)
         self.apply(init_dcgan_weights)

@@ -19,41 +19,65 @@ Target = dict[str, torch.Tensor]
 
 
 def conv_bn_relu(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)
+    )
 
 
 class FCOSLite(nn.Module):
     stride = 8
 
-    def __init__(self, num_classes: int, width: int = 32, center_radius: float = 1.5, score_threshold: float = 0.05,
-                 nms_threshold: float = 0.5, max_detections: int = 100):
+    def __init__(
+        self,
+        num_classes: int,
+        width: int = 32,
+        center_radius: float = 1.5,
+        score_threshold: float = 0.05,
+        nms_threshold: float = 0.5,
+        max_detections: int = 100,
+    ):
         super().__init__()
         self.num_classes, self.center_radius = num_classes, center_radius
-        self.score_threshold, self.nms_threshold, self.max_detections = score_threshold, nms_threshold, max_detections
+        self.score_threshold, self.nms_threshold, self.max_detections = (
+            score_threshold,
+            nms_threshold,
+            max_detections,
+        )
         w = width
-        self.backbone = nn.Sequential(conv_bn_relu(3, w, 2), conv_bn_relu(w, w), conv_bn_relu(w, 2 * w, 2),
-                                      conv_bn_relu(2 * w, 2 * w), conv_bn_relu(2 * w, 4 * w, 2),
-                                      conv_bn_relu(4 * w, 4 * w))
+        self.backbone = nn.Sequential(
+            conv_bn_relu(3, w, 2),
+            conv_bn_relu(w, w),
+            conv_bn_relu(w, 2 * w, 2),
+            conv_bn_relu(2 * w, 2 * w),
+            conv_bn_relu(2 * w, 4 * w, 2),
+            conv_bn_relu(4 * w, 4 * w),
+        )
         self.tower = nn.Sequential(conv_bn_relu(4 * w, 4 * w), conv_bn_relu(4 * w, 4 * w))
         self.classes = nn.Conv2d(4 * w, num_classes, 3, padding=1)
         self.sides = nn.Conv2d(4 * w, 4, 3, padding=1)
         self.centerness = nn.Conv2d(4 * w, 1, 3, padding=1)
-        nn.init.constant_(self.classes.bias, -math.log(99))  # start at p = 0.01: focal loss is stable from step 1
+        nn.init.constant_(
+            self.classes.bias, -math.log(99)
+        )  # start at p = 0.01: focal loss is stable from step 1
 
     def forward(self, images: list[torch.Tensor], targets: list[Target] | None = None) -> dict | list[dict]:
         batch = self.pad(images)
         features = self.tower(self.backbone((batch - 0.5) / 0.25))
         h, w = features.shape[-2:]
-        logits = self.classes(features).flatten(2).transpose(1, 2)                 # N, HW, K
+        logits = self.classes(features).flatten(2).transpose(1, 2)  # N, HW, K
         sides = F.softplus(self.sides(features)).flatten(2).transpose(1, 2) * self.stride  # N, HW, 4: l t r b
-        centerness = self.centerness(features).flatten(2).squeeze(1)             # N, HW
-        ys, xs = torch.meshgrid(torch.arange(h, device=batch.device), torch.arange(w, device=batch.device),
-                                indexing="ij")
+        centerness = self.centerness(features).flatten(2).squeeze(1)  # N, HW
+        ys, xs = torch.meshgrid(
+            torch.arange(h, device=batch.device), torch.arange(w, device=batch.device), indexing="ij"
+        )
         points = (torch.stack([xs, ys], -1).flatten(0, 1).float() + 0.5) * self.stride  # HW, 2 (x, y)
-        boxes = torch.cat([points - sides[..., :2], points + sides[..., 2:]], -1)       # N, HW, 4
+        boxes = torch.cat([points - sides[..., :2], points + sides[..., 2:]], -1)  # N, HW, 4
         if targets is not None:
             return self.losses(logits, boxes, centerness, points, targets)
-        return [self.detect(logits[i], boxes[i], centerness[i], image.shape[-2:]) for i, image in enumerate(images)]
+        return [
+            self.detect(logits[i], boxes[i], centerness[i], image.shape[-2:])
+            for i, image in enumerate(images)
+        ]
 
     def pad(self, images: list[torch.Tensor]) -> torch.Tensor:
         """One batch tensor, zero-padded at the bottom and right to a common size divisible by the stride."""
@@ -69,14 +93,22 @@ class FCOSLite(nn.Module):
         x, y = points[:, None, 0], points[:, None, 1]
         inside = (x > gt[:, 0]) & (x < gt[:, 2]) & (y > gt[:, 1]) & (y < gt[:, 3])
         radius = self.center_radius * self.stride
-        near = ((x - (gt[:, 0] + gt[:, 2]) / 2).abs() < radius) & ((y - (gt[:, 1] + gt[:, 3]) / 2).abs() < radius)
+        near = ((x - (gt[:, 0] + gt[:, 2]) / 2).abs() < radius) & (
+            (y - (gt[:, 1] + gt[:, 3]) / 2).abs() < radius
+        )
         area = ((gt[:, 2] - gt[:, 0]) * (gt[:, 3] - gt[:, 1]))[None].expand(len(points), -1)
         area = torch.where(inside & near, area, torch.inf)
         smallest, index = area.min(1)
         return torch.where(smallest.isfinite(), index, -1)
 
-    def losses(self, logits: torch.Tensor, boxes: torch.Tensor, centerness: torch.Tensor, points: torch.Tensor,
-               targets: list[Target]) -> dict[str, torch.Tensor]:
+    def losses(
+        self,
+        logits: torch.Tensor,
+        boxes: torch.Tensor,
+        centerness: torch.Tensor,
+        points: torch.Tensor,
+        targets: list[Target],
+    ) -> dict[str, torch.Tensor]:
         """Focal loss on every location's classes; GIoU and centerness on the locations assigned an object."""
         classes, box_pairs, centerness_pairs = [], [], []
         for i, target in enumerate(targets):
@@ -95,12 +127,15 @@ class FCOSLite(nn.Module):
         return {
             "loss_classifier": sigmoid_focal_loss(logits, torch.stack(classes)) / num_positive,
             "loss_box": ((1 - giou) * target_centerness).sum() / target_centerness.sum().clamp(min=1e-6),
-            "loss_centerness": F.binary_cross_entropy_with_logits(predicted_centerness, target_centerness,
-                                                                  reduction="sum") / num_positive,
+            "loss_centerness": F.binary_cross_entropy_with_logits(
+                predicted_centerness, target_centerness, reduction="sum"
+            )
+            / num_positive,
         }
 
-    def detect(self, logits: torch.Tensor, boxes: torch.Tensor, centerness: torch.Tensor,
-               size: tuple[int, int]) -> dict[str, torch.Tensor]:
+    def detect(
+        self, logits: torch.Tensor, boxes: torch.Tensor, centerness: torch.Tensor, size: tuple[int, int]
+    ) -> dict[str, torch.Tensor]:
         """Boxes scored sqrt(class probability x centerness) above the threshold, clipped to the image,
         class-wise NMS, the best max_detections."""
         scores = (logits.sigmoid() * centerness.sigmoid()[:, None]).sqrt()

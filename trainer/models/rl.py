@@ -5,6 +5,7 @@ ActorCritic is PPO's (separate policy and value MLPs, tanh, orthogonal init with
 the environments' actions). A network of your own for DQN provides `forward` and `act` the same way.
 """
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 
@@ -15,13 +16,18 @@ from torch import nn
 from torch.distributions import Categorical, Distribution, Independent, Normal
 
 
-def mlp(inputs: int, hidden: Sequence[int], outputs: int, activation: type[nn.Module],
-        out_std: float | None = None) -> nn.Sequential:
+def mlp(
+    inputs: int,
+    hidden: Sequence[int],
+    outputs: int,
+    activation: type[nn.Module],
+    out_std: float | None = None,
+) -> nn.Sequential:
     """Linear layers with `activation` between them; with `out_std`, orthogonal weights (gain sqrt(2), the
     last layer `out_std`) and zero biases."""
     sizes = [inputs, *hidden, outputs]
     layers: list[nn.Module] = []
-    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
         layer = nn.Linear(n_in, n_out)
         if out_std is not None:
             nn.init.orthogonal_(layer.weight, out_std if i == len(sizes) - 2 else math.sqrt(2))
@@ -38,8 +44,12 @@ class ActorCritic(nn.Module):
     """A policy over discrete actions (categorical) or continuous ones (diagonal Gaussian with a learned,
     state-independent log std), and a state-value function."""
 
-    def __init__(self, observation_space: gym.spaces.Box, action_space: gym.spaces.Space,
-                 hidden: Sequence[int] = (64, 64)):
+    def __init__(
+        self,
+        observation_space: gym.spaces.Box,
+        action_space: gym.spaces.Space,
+        hidden: Sequence[int] = (64, 64),
+    ):
         super().__init__()
         self.discrete = isinstance(action_space, gym.spaces.Discrete)
         actions = int(action_space.n) if self.discrete else flat_size(action_space)
@@ -62,11 +72,17 @@ class ActorCritic(nn.Module):
 
 
 class QNetwork(nn.Module):
-    def __init__(self, observation_space: gym.spaces.Box, action_space: gym.spaces.Discrete,
-                 hidden: Sequence[int] = (120, 84)):
+    def __init__(
+        self,
+        observation_space: gym.spaces.Box,
+        action_space: gym.spaces.Discrete,
+        hidden: Sequence[int] = (120, 84),
+    ):
         super().__init__()
         self.net = mlp(flat_size(observation_space), hidden, int(action_space.n), nn.ReLU)
-        self._numpy_layers: list[tuple[np.ndarray, np.ndarray]] | None = None  # act()'s views, made on first use
+        self._numpy_layers: list[tuple[np.ndarray, np.ndarray]] | None = (
+            None  # act()'s views, made on first use
+        )
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         return self.net(obs)
@@ -75,17 +91,20 @@ class QNetwork(nn.Module):
         return self.net(obs).argmax(-1)
 
     def act(self, obs: np.ndarray) -> np.ndarray:
-        """Greedy actions for the environments' observations, NumPy in and out. On the CPU the forward pass runs
-        in NumPy on views of the weights: for the few rows of an env step, PyTorch's per-operation overhead is
-        most of the cost (this network, one row: 27 us through torch, 6 through NumPy)."""
+        """Greedy actions for the environments' observations, NumPy in and out. On the CPU the forward pass
+        runs in NumPy on views of the weights: for the few rows of an env step, PyTorch's per-operation
+        overhead is most of the cost (this network, one row: 27 us through torch, 6 through NumPy)."""
         if self._numpy_layers is None:
             weight = self.net[0].weight
             if weight.device.type != "cpu" or weight.dtype == torch.bfloat16:  # (NumPy has no bfloat16)
                 with torch.no_grad():
                     return self.greedy(torch.from_numpy(obs).to(weight.device, weight.dtype)).cpu().numpy()
             # Views, not copies: optimizer steps and loaded checkpoints write the parameters in place.
-            self._numpy_layers = [(layer.weight.detach().numpy().T, layer.bias.detach().numpy())
-                                  for layer in self.net if isinstance(layer, nn.Linear)]
+            self._numpy_layers = [
+                (layer.weight.detach().numpy().T, layer.bias.detach().numpy())
+                for layer in self.net
+                if isinstance(layer, nn.Linear)
+            ]
         *hidden, (weight, bias) = self._numpy_layers
         for w, b in hidden:
             obs = np.maximum(obs @ w + b, 0)

@@ -50,8 +50,14 @@ def read_trials(sweep_dir: Path, params: list[str]) -> list[Trial]:
         config = OmegaConf.load(config_file)
         record_file = run_dir / TRIAL_FILE
         record = json.loads(record_file.read_text()) if record_file.is_file() else {"status": "running"}
-        trials.append(Trial(name=run_dir.name, run_dir=str(run_dir), params={p: OmegaConf.select(config, p) for p in params},
-                            **{k: v for k, v in record.items() if k in Trial.__dataclass_fields__}))
+        trials.append(
+            Trial(
+                name=run_dir.name,
+                run_dir=str(run_dir),
+                params={p: OmegaConf.select(config, p) for p in params},
+                **{k: v for k, v in record.items() if k in Trial.__dataclass_fields__},
+            )
+        )
     return trials
 
 
@@ -62,15 +68,23 @@ def best_trial(trials: list[Trial], mode: str) -> Trial | None:
     return (min if mode == "min" else max)(scored, key=lambda t: t.value)
 
 
-def summarize(sweep_dir: Path, trials: list[Trial], metric: str | None, mode: str,
-              wandb_settings: dict[str, Any] | None = None, group: str | None = None) -> Trial | None:
+def summarize(
+    sweep_dir: Path,
+    trials: list[Trial],
+    metric: str | None,
+    mode: str,
+    wandb_settings: dict[str, Any] | None = None,
+    group: str | None = None,
+) -> Trial | None:
     """Prints the table and writes results.csv, best.yaml and best_config.yaml; logs the table to W&B."""
     sweep_dir.mkdir(parents=True, exist_ok=True)
     params = list(dict.fromkeys(key for t in trials for key in t.params))
     with_steps = any(t.steps is not None for t in trials)  # known where trials may stop early (Tune)
     header = ["trial", *params, metric or "value", *(["steps"] if with_steps else []), "status"]
-    rows = [[t.name, *(t.params.get(p) for p in params), t.value, *([t.steps] if with_steps else []), t.status]
-            for t in trials]
+    rows = [
+        [t.name, *(t.params.get(p) for p in params), t.value, *([t.steps] if with_steps else []), t.status]
+        for t in trials
+    ]
     with open(sweep_dir / "results.csv", "w", newline="") as f:
         csv.writer(f).writerows([header, *rows])
     print(format_table(header, rows))
@@ -78,11 +92,24 @@ def summarize(sweep_dir: Path, trials: list[Trial], metric: str | None, mode: st
     best = best_trial(trials, mode)
     if best is not None:
         overrides = [f"{key}={value}" for key, value in best.params.items()]
-        (sweep_dir / "best.yaml").write_text(yaml.safe_dump(
-            {"metric": metric, "mode": mode, "value": best.value, "trial": best.name, "run_dir": best.run_dir,
-             "params": best.params, "overrides": overrides}, sort_keys=False))
+        (sweep_dir / "best.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    "metric": metric,
+                    "mode": mode,
+                    "value": best.value,
+                    "trial": best.name,
+                    "run_dir": best.run_dir,
+                    "params": best.params,
+                    "overrides": overrides,
+                },
+                sort_keys=False,
+            )
+        )
         shutil.copyfile(Path(best.run_dir) / "config.yaml", sweep_dir / "best_config.yaml")
-        print(f"trainer: best {metric} = {best.value:.6g} ({mode}) in trial {best.name}: {' '.join(overrides)}")
+        print(
+            f"trainer: best {metric} = {best.value:.6g} ({mode}) in trial {best.name}: {' '.join(overrides)}"
+        )
         print(f"trainer: {sweep_dir / 'best.yaml'}, full config {sweep_dir / 'best_config.yaml'}")
     elif metric:
         print(f"trainer: no trial finished with a value of {metric}; see {sweep_dir / 'results.csv'}")
@@ -98,8 +125,15 @@ def format_table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
 
 
-def log_table_to_wandb(sweep_dir: Path, header: list[str], rows: list[list[Any]], best: Trial | None, metric: str,
-                       settings: dict[str, Any], group: str | None) -> None:
+def log_table_to_wandb(
+    sweep_dir: Path,
+    header: list[str],
+    rows: list[list[Any]],
+    best: Trial | None,
+    metric: str,
+    settings: dict[str, Any],
+    group: str | None,
+) -> None:
     """One more run in the sweep's group, holding the results table and the best trial."""
     import wandb
 
@@ -108,14 +142,28 @@ def log_table_to_wandb(sweep_dir: Path, header: list[str], rows: list[list[Any]]
     mode = resolve_wandb_mode(settings.get("mode", "auto"))
     if mode == "disabled":
         return
-    run = wandb.init(project=settings.get("project"), entity=settings.get("entity"), group=group,
-                     name=f"{group or sweep_dir.name}-summary", job_type="sweep-summary", dir=str(sweep_dir),
-                     mode=mode, reinit="create_new")
+    run = wandb.init(
+        project=settings.get("project"),
+        entity=settings.get("entity"),
+        group=group,
+        name=f"{group or sweep_dir.name}-summary",
+        job_type="sweep-summary",
+        dir=str(sweep_dir),
+        mode=mode,
+        reinit="create_new",
+    )
     try:
-        run.log({"sweep/results": wandb.Table(columns=header, data=[[_plain(v) for v in row] for row in rows])})
+        run.log(
+            {"sweep/results": wandb.Table(columns=header, data=[[_plain(v) for v in row] for row in rows])}
+        )
         if best is not None:
-            run.summary.update({f"best/{metric}": best.value, "best/trial": best.name,
-                                **{f"best/{k}": _plain(v) for k, v in best.params.items()}})
+            run.summary.update(
+                {
+                    f"best/{metric}": best.value,
+                    "best/trial": best.name,
+                    **{f"best/{k}": _plain(v) for k, v in best.params.items()},
+                }
+            )
     finally:
         run.finish()
 
@@ -130,7 +178,7 @@ class SweepSummary(Callback):
         if job_return.status != JobStatus.COMPLETED:
             try:
                 _ = job_return.return_value  # Hydra hands a failed trial's exception back only by raising it
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 write_trial(run_dir, status="failed", error=str(e))
             return
         value = job_return.return_value  # NaN: the divergence guard halted the trial
@@ -145,8 +193,14 @@ class SweepSummary(Callback):
         if not params:  # a plain multirun (a=1,2 b=3,4): the keys it sweeps over
             parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
             params = [o.key_or_group for o in parsed if o.is_sweep_override()]
-        summarize(sweep_dir, read_trials(sweep_dir, params), config.monitor.metric, config.monitor.mode,
-                  wandb_settings=wandb_settings(config), group=config.group or sweep_group(config.name, sweep_dir))
+        summarize(
+            sweep_dir,
+            read_trials(sweep_dir, params),
+            config.monitor.metric,
+            config.monitor.mode,
+            wandb_settings=wandb_settings(config),
+            group=config.group or sweep_group(config.name, sweep_dir),
+        )
 
 
 def wandb_settings(config: DictConfig) -> dict[str, Any] | None:
@@ -168,4 +222,3 @@ def _cell(value: Any) -> str:
 
 def _plain(value: Any) -> Any:
     return value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
-

@@ -62,15 +62,22 @@ def tune_settings(cfg: DictConfig) -> TuneSettings:
         raise UserError(f"tune.search={settings.search} is not one of {', '.join(SEARCHES)}")
     if settings.scheduler not in SCHEDULERS:
         raise UserError(f"tune.scheduler={settings.scheduler} is not one of {', '.join(SCHEDULERS)}")
-    counts = {"num_samples": settings.num_samples, "max_concurrent": settings.max_concurrent,
-              "workers_per_trial": settings.workers_per_trial}
+    counts = {
+        "num_samples": settings.num_samples,
+        "max_concurrent": settings.max_concurrent,
+        "workers_per_trial": settings.workers_per_trial,
+    }
     if min(counts.values()) < 1:
         raise UserError(", ".join(f"tune.{k}={v}" for k, v in counts.items()) + ": each must be at least 1")
     if not settings.params:
-        raise UserError("tune.params is empty: name the keys to search, e.g. tune.params={task.lr: "
-                        "'tag(log, interval(1e-4, 1e-2))'}")
+        raise UserError(
+            "tune.params is empty: name the keys to search, e.g. tune.params={task.lr: "
+            "'tag(log, interval(1e-4, 1e-2))'}"
+        )
     if not cfg.monitor.metric:
-        raise UserError("mode=tune optimizes monitor.metric, which is not set: set monitor.metric and monitor.mode")
+        raise UserError(
+            "mode=tune optimizes monitor.metric, which is not set: set monitor.metric and monitor.mode"
+        )
     return settings
 
 
@@ -86,8 +93,10 @@ def search_space(params: dict[str, str], cfg: DictConfig) -> dict[str, Any]:
         try:
             override = parser.parse_override(f"{key}={text}")
         except HydraException as e:
-            raise UserError(f"tune.params.{key}={text} is not Hydra sweep syntax ({e}); use interval(a, b), "
-                            "tag(log, interval(a, b)), choice(a, b) or range(a, b)") from None
+            raise UserError(
+                f"tune.params.{key}={text} is not Hydra sweep syntax ({e}); use interval(a, b), "
+                "tag(log, interval(a, b)), choice(a, b) or range(a, b)"
+            ) from None
         value = override.value()
         if not override.is_sweep_override():
             space[key] = value  # a fixed value
@@ -110,9 +119,13 @@ def tune_sweep(launcher: RayTrainLauncher, cfg: DictConfig) -> dict[str, Any]:
     space = search_space(settings.params, cfg)
     sweep_dir = Path(cfg.run_dir).resolve()
     group = cfg.group or sweep_group(cfg.name, sweep_dir)
-    trainable = tune.with_parameters(_run_trial, base=_trial_base(cfg, group), sweep_dir=str(sweep_dir),
-                                     launcher_type=type(launcher),
-                                     launcher_settings={**vars(launcher), "num_workers": settings.workers_per_trial})
+    trainable = tune.with_parameters(
+        _run_trial,
+        base=_trial_base(cfg, group),
+        sweep_dir=str(sweep_dir),
+        launcher_type=type(launcher),
+        launcher_settings={**vars(launcher), "num_workers": settings.workers_per_trial},
+    )
     # A trial only waits for its Ray Train run, whose workers hold the CPUs and GPUs. Tune refuses an empty
     # request, and any CPU fraction would keep a worker's whole CPU from the next trial: one byte of memory.
     trainable = tune.with_resources(trainable, {"memory": 1})
@@ -143,7 +156,9 @@ def tune_sweep(launcher: RayTrainLauncher, cfg: DictConfig) -> dict[str, Any]:
     saved = tune.ExperimentAnalysis(str(state)).trials
     unfinished = {Path(t.path).name for t in saved if t.status not in ("TERMINATED", "ERROR")}
     finished = not unfinished and len(saved) >= settings.num_samples
-    trials = [_record(result, cfg.monitor.metric, list(settings.params), cfg.trainer, unfinished) for result in grid]
+    trials = [
+        _record(result, cfg.monitor.metric, list(settings.params), cfg.trainer, unfinished) for result in grid
+    ]
     best = summarize(sweep_dir, trials, cfg.monitor.metric, cfg.monitor.mode, wandb_settings(cfg), group)
     if not finished:
         print("trainer: the sweep was interrupted; run the same command again to resume it")
@@ -162,8 +177,14 @@ def trial_names(state: Path) -> Callable[[Any], str]:
     return name
 
 
-def _run_trial(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str,
-               launcher_type: type[RayTrainLauncher], launcher_settings: dict[str, Any]) -> None:
+def _run_trial(
+    params: dict[str, Any],
+    *,
+    base: dict[str, Any],
+    sweep_dir: str,
+    launcher_type: type[RayTrainLauncher],
+    launcher_settings: dict[str, Any],
+) -> None:
     """One trial, inside Tune: the base config with this trial's parameters, trained with Ray Train."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -176,7 +197,8 @@ def _run_trial(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str,
 
 
 def _trial_base(cfg: DictConfig, group: str) -> dict[str, Any]:
-    """The sweep's config as each trial starts from it: unresolved, so that paths follow the trial's run dir."""
+    """The sweep's config as each trial starts from it: unresolved, so that paths follow the trial's run
+    dir."""
     base = OmegaConf.to_container(cfg, resolve=False)
     base.pop("tune", None)
     base.update(mode="train", group=group, run_dir="???")
@@ -200,8 +222,12 @@ def _scheduler(settings: TuneSettings, cfg: DictConfig) -> Any:
     if settings.scheduler == "fifo":
         return FIFOScheduler()
     max_epochs = cfg.trainer.get("max_epochs") or 0
-    return ASHAScheduler(time_attr="training_iteration", max_t=max(max_epochs, settings.grace_period),
-                         grace_period=settings.grace_period, reduction_factor=settings.reduction_factor)
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=max(max_epochs, settings.grace_period),
+        grace_period=settings.grace_period,
+        reduction_factor=settings.reduction_factor,
+    )
 
 
 def _record(result: Any, metric: str, params: list[str], limits: DictConfig, unfinished: set[str]) -> Trial:
@@ -220,8 +246,15 @@ def _record(result: Any, metric: str, params: list[str], limits: DictConfig, unf
     else:
         status = "stopped early"
     config = result.config or {}
-    trial = Trial(name=name, run_dir=str(run_dir), status=status, value=value, steps=last.get("global_step"),
-                  params={p: config.get(p) for p in params}, error=error)
+    trial = Trial(
+        name=name,
+        run_dir=str(run_dir),
+        status=status,
+        value=value,
+        steps=last.get("global_step"),
+        params={p: config.get(p) for p in params},
+        error=error,
+    )
     write_trial(run_dir, status=status, value=value, steps=trial.steps, error=error)
     return trial
 
@@ -229,7 +262,9 @@ def _record(result: Any, metric: str, params: list[str], limits: DictConfig, unf
 def _ran_to_the_end(last: dict[str, Any], limits: DictConfig) -> bool:
     """Whether the trial's last report came from its last epoch or step (`trainer.max_epochs`/`max_steps`)."""
     max_epochs, max_steps = limits.get("max_epochs") or 0, limits.get("max_steps") or -1
-    return last.get("epoch", -1) + 1 >= max_epochs or (max_steps > 0 and last.get("global_step", 0) >= max_steps)
+    return last.get("epoch", -1) + 1 >= max_epochs or (
+        max_steps > 0 and last.get("global_step", 0) >= max_steps
+    )
 
 
 def _read_metrics(run_dir: Path) -> dict[str, Any]:

@@ -5,8 +5,8 @@ A task subclasses `Task` and ends its training step with `self.report(StepReport
   level, the LR finder follows their sum, the replay prints them;
 - `signals` are other numbers of the step (a total, a KL, a clip fraction): logged and checked for NaN/Inf.
 Subclasses of `StepReport` carry what only some tasks know, and the guard's collapse detector reads them:
-`GANReport` (a GAN's discriminator outputs), `PolicyReport` (a policy's entropy and how far an update moved it), `ValueReport` (Q-values and
-the largest possible return).
+`GANReport` (a GAN's discriminator outputs), `PolicyReport` (a policy's entropy and how far an update
+moved it), `ValueReport` (Q-values and the largest possible return).
 A step that makes its own data (RL plays in its environments) names it with `self.train_on(data)` before it
 updates: a divergence bundle keeps that data, and a replay hands it back to `training_step` as the batch.
 Other steps train on the loader's batch, which the guard keeps itself. A validation may end with
@@ -34,19 +34,31 @@ class StepReport:
     signals: Tensors = field(default_factory=dict)
 
     def detached(self) -> "StepReport":
-        return replace(self, **{f.name: apply_to_collection(getattr(self, f.name), torch.Tensor, torch.Tensor.detach)
-                                for f in fields(self)})
+        return replace(
+            self,
+            **{
+                f.name: apply_to_collection(getattr(self, f.name), torch.Tensor, torch.Tensor.detach)
+                for f in fields(self)
+            },
+        )
 
     def describe(self) -> dict[str, Any]:
         """What the report is, without its numbers: its type, the names of its losses, its constants."""
-        constants = {f.name: getattr(self, f.name) for f in fields(self)
-                     if isinstance(getattr(self, f.name), (int, float)) or getattr(self, f.name) is None}
+        constants = {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), (int, float)) or getattr(self, f.name) is None
+        }
         return {"type": type(self).__name__, "losses": list(self.losses), "constants": constants}
 
     def scalars(self) -> Tensors:
         """Every number of the report by name: the losses, the signals, and the fields of subclasses."""
         named = {f.name: getattr(self, f.name) for f in fields(self)}
-        return {**self.losses, **self.signals, **{k: v for k, v in named.items() if isinstance(v, torch.Tensor)}}
+        return {
+            **self.losses,
+            **self.signals,
+            **{k: v for k, v in named.items() if isinstance(v, torch.Tensor)},
+        }
 
 
 @dataclass
@@ -114,11 +126,14 @@ class Task(L.LightningModule):
     @property
     def fused_optimizer(self) -> bool:
         """Whether Adam/AdamW can run as one fused kernel over all parameters here (CPU and CUDA): a third of
-        the default's time per update for small RL networks, 13% of a CPU step for MiniLM (scripts/bench_qa.py)."""
+        the default's time per update for small RL networks, 13% of a CPU step for MiniLM
+        (scripts/bench_qa.py)."""
         return self.device.type in ("cpu", "cuda")
 
 
-def stepwise(optimizer: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LRScheduler) -> dict[str, Any]:
+def stepwise(
+    optimizer: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LRScheduler
+) -> dict[str, Any]:
     """`configure_optimizers`' answer for a learning-rate schedule stepped after every optimizer step."""
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 

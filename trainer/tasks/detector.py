@@ -22,8 +22,14 @@ Batch = tuple[list[torch.Tensor], list[Target]]
 
 
 class Detection(Task):
-    def __init__(self, detector: nn.Module, lr: float = 2e-3, weight_decay: float = 1e-4, warmup_ratio: float = 0.05,
-                 overlay_images: int = 8):
+    def __init__(
+        self,
+        detector: nn.Module,
+        lr: float = 2e-3,
+        weight_decay: float = 1e-4,
+        warmup_ratio: float = 0.05,
+        overlay_images: int = 8,
+    ):
         super().__init__()
         self.save_hyperparameters(ignore=["detector"])
         self.detector = detector
@@ -36,16 +42,20 @@ class Detection(Task):
         classes = len(self.trainer.datamodule.val_set.category_ids)
         expected = getattr(self.detector, "num_classes", classes)
         if expected != classes:
-            raise UserError(f"model.detector.num_classes={expected}, but the data has {classes} categories: "
-                            f"set model.detector.num_classes={classes}")
+            raise UserError(
+                f"model.detector.num_classes={expected}, but the data has {classes} categories: "
+                f"set model.detector.num_classes={classes}"
+            )
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay,
-                                      fused=self.fused_optimizer)
+        optimizer = torch.optim.AdamW(
+            self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, fused=self.fused_optimizer
+        )
         total = max(1, self.trainer.estimated_stepping_batches)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, hp.lr, total_steps=total,
-                                                       pct_start=hp.warmup_ratio)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, hp.lr, total_steps=total, pct_start=hp.warmup_ratio
+        )
         return stepwise(optimizer, schedule)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
@@ -69,10 +79,16 @@ class Detection(Task):
     def on_validation_epoch_end(self) -> None:
         if not self._detections:
             return
-        by_image = gather_by_key(self._detections)  # each rank saw its share: score every image once, everywhere
+        by_image = gather_by_key(
+            self._detections
+        )  # each rank saw its share: score every image once, everywhere
         self._detections = {}
-        scores = coco_ap(self.ground_truth(set(by_image)), [d for entries in by_image.values() for d in entries])
-        self.log_dict({"val/AP": scores.ap, "val/AP50": scores.ap50, "val/AP75": scores.ap75}, sync_dist=False)
+        scores = coco_ap(
+            self.ground_truth(set(by_image)), [d for entries in by_image.values() for d in entries]
+        )
+        self.log_dict(
+            {"val/AP": scores.ap, "val/AP50": scores.ap50, "val/AP75": scores.ap75}, sync_dist=False
+        )
         overlays, self._overlays = self._overlays, []
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
             log_to_wandb(self.trainer, overlays, scores, self.trainer.datamodule.val_set.class_names)
@@ -80,13 +96,19 @@ class Detection(Task):
     def ground_truth(self, image_ids: set[int]) -> dict[str, Any]:
         """The validation file restricted to the images evaluated (all of them, unless limit_val_batches)."""
         coco = self.trainer.datamodule.val_set.coco
-        return {"images": [i for i in coco["images"] if i["id"] in image_ids],
-                "annotations": [a for a in coco["annotations"] if a["image_id"] in image_ids],
-                "categories": coco["categories"]}
+        return {
+            "images": [i for i in coco["images"] if i["id"] in image_ids],
+            "annotations": [a for a in coco["annotations"] if a["image_id"] in image_ids],
+            "categories": coco["categories"],
+        }
 
 
-def log_to_wandb(trainer: L.Trainer, overlays: list[tuple[torch.Tensor, Target, dict[str, torch.Tensor]]],
-                 scores: CocoScores, class_names: list[str]) -> None:
+def log_to_wandb(
+    trainer: L.Trainer,
+    overlays: list[tuple[torch.Tensor, Target, dict[str, torch.Tensor]]],
+    scores: CocoScores,
+    class_names: list[str],
+) -> None:
     """Validation images with predicted and true boxes as W&B box overlays, and a table of per-class AP."""
     loggers = wandb_loggers(trainer)
     if not loggers:
@@ -95,22 +117,36 @@ def log_to_wandb(trainer: L.Trainer, overlays: list[tuple[torch.Tensor, Target, 
 
     classes = dict(enumerate(class_names))
 
-    def boxes(boxes: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor | None = None) -> dict[str, Any]:
+    def boxes(
+        boxes: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor | None = None
+    ) -> dict[str, Any]:
         data = []
         for k, ((x1, y1, x2, y2), label) in enumerate(zip(boxes.tolist(), labels.tolist())):
-            entry = {"position": {"minX": x1, "minY": y1, "maxX": x2, "maxY": y2}, "domain": "pixel",
-                     "class_id": label, "box_caption": classes[label]}
+            entry = {
+                "position": {"minX": x1, "minY": y1, "maxX": x2, "maxY": y2},
+                "domain": "pixel",
+                "class_id": label,
+                "box_caption": classes[label],
+            }
             if scores is not None:
                 entry["scores"] = {"score": float(scores[k])}
                 entry["box_caption"] += f" {float(scores[k]):.2f}"
             data.append(entry)
         return {"box_data": data, "class_labels": classes}
 
-    images = [wandb.Image(image.permute(1, 2, 0).numpy(),
-                          boxes={"predictions": boxes(p["boxes"], p["labels"], p["scores"]),
-                                 "ground_truth": boxes(t["boxes"], t["labels"])})
-              for image, t, p in overlays]
-    table = wandb.Table(columns=["class", "AP", "AP50"],
-                        data=[[name, scores.per_class[name], scores.per_class50[name]] for name in class_names])
+    images = [
+        wandb.Image(
+            image.permute(1, 2, 0).numpy(),
+            boxes={
+                "predictions": boxes(p["boxes"], p["labels"], p["scores"]),
+                "ground_truth": boxes(t["boxes"], t["labels"]),
+            },
+        )
+        for image, t, p in overlays
+    ]
+    table = wandb.Table(
+        columns=["class", "AP", "AP50"],
+        data=[[name, scores.per_class[name], scores.per_class50[name]] for name in class_names],
+    )
     for logger in loggers:
         logger.log_metrics({"val/boxes": images, "val/per_class_AP": table}, step=log_step(trainer))

@@ -1,6 +1,7 @@
-"""DQN (Mnih et al., 2015) with the details of CleanRL's dqn.py: a replay buffer, a target network copied every
-`target_network_frequency` env steps, an epsilon-greedy policy whose epsilon falls linearly, and optionally
-Double DQN (van Hasselt et al., 2016): the online network picks the next action, the target network values it.
+"""DQN (Mnih et al., 2015) with the details of CleanRL's dqn.py: a replay buffer, a target network copied
+every `target_network_frequency` env steps, an epsilon-greedy policy whose epsilon falls linearly, and
+optionally Double DQN (van Hasselt et al., 2016): the online network picks the next action, the target
+network values it.
 
 The algorithm alternates: play `train_frequency` steps in the environments, storing every transition, then
 one gradient step on a minibatch drawn from the buffer (once it holds `learning_starts` transitions). A
@@ -58,11 +59,21 @@ class DQN(RLTask):
         video_frames: int = 200,
     ):
         if not isinstance(env.action_space, gym.spaces.Discrete):
-            raise UserError(f"DQN needs discrete actions, and env.id={env.id} has {env.action_space}: "
-                            "train it with +exp=ppo, or pick an environment with discrete actions")
-        super().__init__(env=env, num_envs=num_envs, env_steps_per_batch=updates_per_step * train_frequency * num_envs,
-                         total_env_steps=total_env_steps, env_steps_per_epoch=env_steps_per_epoch,
-                         eval_episodes=eval_episodes, eval_seed=eval_seed, video_frames=video_frames, seed=seed)
+            raise UserError(
+                f"DQN needs discrete actions, and env.id={env.id} has {env.action_space}: "
+                "train it with +exp=ppo, or pick an environment with discrete actions"
+            )
+        super().__init__(
+            env=env,
+            num_envs=num_envs,
+            env_steps_per_batch=updates_per_step * train_frequency * num_envs,
+            total_env_steps=total_env_steps,
+            env_steps_per_epoch=env_steps_per_epoch,
+            eval_episodes=eval_episodes,
+            eval_seed=eval_seed,
+            video_frames=video_frames,
+            seed=seed,
+        )
         self.save_hyperparameters(ignore=["q_network", "env"])
         self.automatic_optimization = False  # some steps only play; Lightning must not call backward
         self.q_network = q_network(env.observation_space, env.action_space)
@@ -85,7 +96,8 @@ class DQN(RLTask):
                 # 1. Play train_frequency epsilon-greedy steps in the environments, storing every transition.
                 for _ in range(hp.train_frequency):
                     self.play_step()
-                # 2. Once the buffer holds learning_starts transitions: one update on a minibatch drawn from it.
+                # 2. Once the buffer holds learning_starts transitions: one update on a minibatch drawn
+                # from it.
                 if len(self.buffer) >= hp.learning_starts:
                     updates.append(self.update(self.buffer.sample(hp.batch_size, self.device)))
         if updates:  # for the divergence guard (trainer/tasks/base.py): the means over this step's updates
@@ -102,7 +114,9 @@ class DQN(RLTask):
         with torch.no_grad():
             next_q = self.target_network(batch["next_obs"])
             if hp.double_dqn:
-                next_q = next_q.gather(1, self.q_network(batch["next_obs"]).argmax(1, keepdim=True)).squeeze(1)
+                next_q = next_q.gather(1, self.q_network(batch["next_obs"]).argmax(1, keepdim=True)).squeeze(
+                    1
+                )
             else:
                 next_q = next_q.max(1).values
             td_target = batch["rewards"] + hp.gamma * next_q * (1 - batch["terminated"])
@@ -131,7 +145,8 @@ class DQN(RLTask):
         else:
             actions = self.q_network.act(obs)
         next_obs, rewards, terminated, _, infos = envs.step(actions)
-        # An episode that ended here: next_obs already starts the next one; its true last observation is final_obs.
+        # An episode that ended here: next_obs already starts the next one; its true last observation is
+        # final_obs.
         if envs.done.any():
             next_obs = next_obs.copy()
             next_obs[envs.done] = np.stack(infos["final_obs"][envs.done])
@@ -160,20 +175,27 @@ class DQN(RLTask):
         super().on_load_checkpoint(checkpoint)
         if "replay_buffer" in checkpoint:
             self.buffer.load_state_dict(checkpoint["replay_buffer"])
-        self.target_updates = self.env_steps // self.hparams.target_network_frequency  # (a guard rollback too)
+        self.target_updates = (
+            self.env_steps // self.hparams.target_network_frequency
+        )  # (a guard rollback too)
 
 
 class ReplayBuffer:
     """The last `capacity` transitions in preallocated NumPy arrays (cheap to write one row at a time; on a
-    GPU only sampled minibatches move); rows drawn uniformly with the global torch RNG, which checkpoints keep."""
+    GPU only sampled minibatches move); rows drawn uniformly with the global torch RNG, which checkpoints
+    keep."""
 
     FIELDS = ("obs", "actions", "rewards", "next_obs", "terminated")
 
     def __init__(self, capacity: int, obs_shape: tuple[int, ...]):
         self.capacity, self.position, self.size = capacity, 0, 0
-        self.data = {"obs": np.zeros((capacity, *obs_shape), np.float32), "actions": np.zeros(capacity, np.int64),
-                     "rewards": np.zeros(capacity, np.float32), "next_obs": np.zeros((capacity, *obs_shape), np.float32),
-                     "terminated": np.zeros(capacity, np.float32)}
+        self.data = {
+            "obs": np.zeros((capacity, *obs_shape), np.float32),
+            "actions": np.zeros(capacity, np.int64),
+            "rewards": np.zeros(capacity, np.float32),
+            "next_obs": np.zeros((capacity, *obs_shape), np.float32),
+            "terminated": np.zeros(capacity, np.float32),
+        }
 
     def __len__(self) -> int:
         return self.size
@@ -181,8 +203,11 @@ class ReplayBuffer:
     def add(self, *transitions: np.ndarray) -> None:
         """Rows of (obs, actions, rewards, next_obs, terminated), one per environment."""
         n, start = len(transitions[0]), self.position
-        # A slice where the rows fit before the end (a few times faster than an index array), else wrap around.
-        rows = slice(start, start + n) if start + n <= self.capacity else (start + np.arange(n)) % self.capacity
+        # A slice where the rows fit before the end (a few times faster than an index array), else wrap
+        # around.
+        rows = (
+            slice(start, start + n) if start + n <= self.capacity else (start + np.arange(n)) % self.capacity
+        )
         for key, values in zip(self.FIELDS, transitions):
             self.data[key][rows] = values
         self.position = (start + n) % self.capacity
@@ -197,12 +222,18 @@ class ReplayBuffer:
         return {key: torch.from_numpy(values[rows]).to(device) for key, values in self.data.items()}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"position": self.position, "size": self.size, **{k: torch.from_numpy(v) for k, v in self.data.items()}}
+        return {
+            "position": self.position,
+            "size": self.size,
+            **{k: torch.from_numpy(v) for k, v in self.data.items()},
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["obs"].shape != self.data["obs"].shape:
-            raise UserError(f"the checkpoint's replay buffer holds {tuple(state['obs'].shape)} observations, "
-                            f"this run's {self.data['obs'].shape}: resume with the same task.buffer_size "
-                            "and env, or start fresh (resume=never)")
+            raise UserError(
+                f"the checkpoint's replay buffer holds {tuple(state['obs'].shape)} observations, "
+                f"this run's {self.data['obs'].shape}: resume with the same task.buffer_size "
+                "and env, or start fresh (resume=never)"
+            )
         self.position, self.size = state["position"], state["size"]
         self.data = {key: state[key].numpy().copy() for key in self.data}

@@ -34,7 +34,9 @@ class DCGAN(Task):
         # Fixed noise, part of the checkpoint, so sample grids are comparable across epochs and resumes.
         noise = torch.randn(num_samples, self.latent_dim, generator=torch.Generator().manual_seed(0))
         self.register_buffer("sample_noise", noise)
-        self._val_features: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # image -> (real, fake) features
+        self._val_features: dict[
+            int, tuple[torch.Tensor, torch.Tensor]
+        ] = {}  # image -> (real, fake) features
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         betas = (self.hparams.beta1, self.hparams.beta2)
@@ -65,15 +67,21 @@ class DCGAN(Task):
         opt_g.step()
 
         # For the divergence guard (trainer/tasks/base.py), and the loggers on logging steps.
-        self.report(GANReport(losses={"loss_d": loss_d, "loss_g": loss_g},
-                              D_x=d_real.sigmoid().mean(), D_G_z=d_fake.sigmoid().mean()))
+        self.report(
+            GANReport(
+                losses={"loss_d": loss_d, "loss_g": loss_g},
+                D_x=d_real.sigmoid().mean(),
+                D_G_z=d_fake.sigmoid().mean(),
+            )
+        )
 
     # -- validation: Fréchet distance of 8x8 pixel features, with noise fixed per validation image ------
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         index, real = batch
-        noise = torch.stack([torch.randn(self.latent_dim, generator=torch.Generator().manual_seed(i))
-                             for i in index.tolist()])
+        noise = torch.stack(
+            [torch.randn(self.latent_dim, generator=torch.Generator().manual_seed(i)) for i in index.tolist()]
+        )
         fake = self.generator(noise.to(self.device))
         features = zip(index.tolist(), _pixel_features(real).cpu(), _pixel_features(fake).cpu())
         self._val_features.update({i: (r, f) for i, r, f in features})
@@ -83,8 +91,10 @@ class DCGAN(Task):
         self._val_features = {}
         real, fake = (torch.stack(part).double() for part in zip(*features.values()))
         diversity = sample_diversity(real, fake)
-        self.log_dict({"val/pixel_fd": frechet_distance(real, fake).float(), "val/sample_diversity": diversity},
-                      sync_dist=False)
+        self.log_dict(
+            {"val/pixel_fd": frechet_distance(real, fake).float(), "val/sample_diversity": diversity},
+            sync_dist=False,
+        )
         self.report_validation(ValidationReport(sample_diversity=diversity))
 
     def on_train_epoch_end(self) -> None:

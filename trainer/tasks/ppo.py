@@ -45,16 +45,26 @@ class PPO(RLTask):
         eval_seed: int = 1_000_000,
         video_frames: int = 200,
     ):
-        super().__init__(env=env, num_envs=num_envs, env_steps_per_batch=num_steps * num_envs,
-                         total_env_steps=total_env_steps, env_steps_per_epoch=env_steps_per_epoch,
-                         eval_episodes=eval_episodes, eval_seed=eval_seed, video_frames=video_frames, seed=seed)
+        super().__init__(
+            env=env,
+            num_envs=num_envs,
+            env_steps_per_batch=num_steps * num_envs,
+            total_env_steps=total_env_steps,
+            env_steps_per_epoch=env_steps_per_epoch,
+            eval_episodes=eval_episodes,
+            eval_seed=eval_seed,
+            video_frames=video_frames,
+            seed=seed,
+        )
         self.save_hyperparameters(ignore=["agent", "env"])
         self.automatic_optimization = False  # several updates per rollout
         self.agent = agent(env.observation_space, env.action_space)
         self.max_entropy = math.log(env.action_space.n) if env.discrete else None  # the uniform policy's
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.agent.parameters(), lr=self.hparams.lr, eps=1e-5, fused=self.fused_optimizer)
+        return torch.optim.Adam(
+            self.agent.parameters(), lr=self.hparams.lr, eps=1e-5, fused=self.fused_optimizer
+        )
 
     def training_step(self, batch: Rollout, batch_idx: int) -> None:
         hp = self.hparams
@@ -69,7 +79,9 @@ class PPO(RLTask):
         # 2. Advantages by GAE; the value targets are advantages + values.
         advantages = gae(rollout, hp.gamma, hp.gae_lambda)
         returns = advantages + rollout["values"]
-        obs, actions, logprobs, values = (rollout[k].flatten(0, 1) for k in ("obs", "actions", "logprobs", "values"))
+        obs, actions, logprobs, values = (
+            rollout[k].flatten(0, 1) for k in ("obs", "actions", "logprobs", "values")
+        )
         advantages, returns = advantages.flatten(), returns.flatten()
 
         # 3. update_epochs passes over the rollout in shuffled minibatches.
@@ -84,7 +96,9 @@ class PPO(RLTask):
                 adv = advantages[idx]
                 if hp.norm_adv:
                     adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-                policy_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - hp.clip_coef, 1 + hp.clip_coef)).mean()
+                policy_loss = torch.max(
+                    -adv * ratio, -adv * ratio.clamp(1 - hp.clip_coef, 1 + hp.clip_coef)
+                ).mean()
 
                 new_values = self.agent.value(obs[idx])
                 value_loss = (new_values - returns[idx]).square()
@@ -103,32 +117,56 @@ class PPO(RLTask):
                 with torch.no_grad():  # http://joschu.net/blog/kl-approx.html
                     approx_kl = ((ratio - 1) - logratio).mean()
                     clip_frac = ((ratio - 1).abs() > hp.clip_coef).float().mean()
-                stats.append(torch.stack([loss, policy_loss, value_loss, entropy, approx_kl, clip_frac]).detach())
+                stats.append(
+                    torch.stack([loss, policy_loss, value_loss, entropy, approx_kl, clip_frac]).detach()
+                )
             if hp.target_kl is not None and approx_kl > hp.target_kl:
                 break
 
         # For the divergence guard (trainer/tasks/base.py); logged on logging steps (trainer/tasks/rl.py).
         loss, policy_loss, value_loss, entropy, approx_kl, clip_frac = torch.stack(stats).mean(0)
         # The clipped surrogate is signed, so only the value loss is a loss the guard can compare levels of.
-        self.report(PolicyReport(
-            losses={"value_loss": value_loss},
-            signals={"loss": loss, "policy_loss": policy_loss, "clip_frac": clip_frac,
-                     "explained_variance": explained_variance(values, returns)},
-            entropy=entropy, max_entropy=self.max_entropy, approx_kl=approx_kl))
+        self.report(
+            PolicyReport(
+                losses={"value_loss": value_loss},
+                signals={
+                    "loss": loss,
+                    "policy_loss": policy_loss,
+                    "clip_frac": clip_frac,
+                    "explained_variance": explained_variance(values, returns),
+                },
+                entropy=entropy,
+                max_entropy=self.max_entropy,
+                approx_kl=approx_kl,
+            )
+        )
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Here rather than before optimizer.step(): callbacks (the divergence guard) run first and see the
         # gradient norm before clipping, which is the one that shows an explosion.
-        self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
+        self.clip_gradients(
+            optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm"
+        )
 
     def collect_rollout(self) -> Rollout:
         """`num_steps` steps of every environment; `dones[t]` marks obs[t] as the first of a new episode."""
         steps, n, envs = self.hparams.num_steps, self.num_envs, self.envs
-        rollout = {"obs": torch.empty(steps, *envs.obs.shape, device=self.device),
-                   "actions": torch.empty(steps, n, *self.env.action_space.shape, device=self.device,
-                                          dtype=torch.long if self.env.discrete else torch.float),
-                   **{k: torch.empty(steps, n, device=self.device) for k in ("logprobs", "values", "rewards", "dones")},
-                   "next_value": torch.empty(n, device=self.device), "next_done": torch.empty(n, device=self.device)}
+        rollout = {
+            "obs": torch.empty(steps, *envs.obs.shape, device=self.device),
+            "actions": torch.empty(
+                steps,
+                n,
+                *self.env.action_space.shape,
+                device=self.device,
+                dtype=torch.long if self.env.discrete else torch.float,
+            ),
+            **{
+                k: torch.empty(steps, n, device=self.device)
+                for k in ("logprobs", "values", "rewards", "dones")
+            },
+            "next_value": torch.empty(n, device=self.device),
+            "next_done": torch.empty(n, device=self.device),
+        }
         with torch.inference_mode():  # filled in place: the tensors themselves stay usable for autograd
             for t in range(steps):
                 obs = rollout["obs"][t].copy_(torch.from_numpy(envs.obs))  # to the device, once
@@ -139,7 +177,10 @@ class PPO(RLTask):
                 rollout["values"][t] = self.agent.value(obs)
                 rollout["rewards"][t] = torch.from_numpy(envs.step(to_env(self.env, action))[1])
             last_obs = as_tensor(envs.obs, self.device)
-            rollout["next_value"][:], rollout["next_done"][:] = self.agent.value(last_obs), torch.from_numpy(envs.done)
+            rollout["next_value"][:], rollout["next_done"][:] = (
+                self.agent.value(last_obs),
+                torch.from_numpy(envs.done),
+            )
         return rollout
 
     def greedy_action(self, obs: torch.Tensor) -> torch.Tensor:

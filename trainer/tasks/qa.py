@@ -19,6 +19,7 @@ from trainer.loggers import log_step, wandb_loggers
 from trainer.metrics.squad import predict_answers, score, squad_metrics
 from trainer.tasks.base import StepReport, Task, stepwise
 
+
 class ExtractiveQA(Task):
     def __init__(
         self,
@@ -42,15 +43,21 @@ class ExtractiveQA(Task):
         # As BERT was trained: no weight decay on biases and LayerNorm weights.
         decay = [p for p in self.parameters() if p.ndim > 1]
         no_decay = [p for p in self.parameters() if p.ndim <= 1]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=self.hparams.lr,
-                                      fused=self.fused_optimizer)
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": self.hparams.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=self.hparams.lr,
+            fused=self.fused_optimizer,
+        )
         total = self.trainer.estimated_stepping_batches
         schedule = get_linear_schedule_with_warmup(optimizer, int(self.hparams.warmup_ratio * total), total)
         return stepwise(optimizer, schedule)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        # The batch holds the gold start and end tokens; the model's loss is the mean of the two cross-entropies.
+        # The batch holds the gold start and end tokens; the model's loss is the mean of the two
+        # cross-entropies.
         loss = self.encoder(**batch).loss
         self.report(StepReport(losses={"loss": loss}))
         return loss
@@ -72,15 +79,24 @@ class ExtractiveQA(Task):
         self._val_logits = {}
         val: ValidationSet = self.trainer.datamodule.val_set
         hp = self.hparams
-        predictions = predict_answers(val.examples, val.features, logits, hp.n_best, hp.max_answer_length,
-                                      val.with_unanswerable, hp.null_threshold)
+        predictions = predict_answers(
+            val.examples,
+            val.features,
+            logits,
+            hp.n_best,
+            hp.max_answer_length,
+            val.with_unanswerable,
+            hp.null_threshold,
+        )
         metrics = squad_metrics(predictions, val.examples)
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=False)  # same on every rank
         if not self.trainer.sanity_checking:
             log_answers_table(self.trainer, val.examples, predictions, hp.table_rows)
 
 
-def log_answers_table(trainer: L.Trainer, examples: list[Example], predictions: dict[str, str], rows: int) -> None:
+def log_answers_table(
+    trainer: L.Trainer, examples: list[Example], predictions: dict[str, str], rows: int
+) -> None:
     """The first `rows` answered questions (the same ones every epoch) as a W&B table."""
     loggers = wandb_loggers(trainer)
     if not loggers or not trainer.is_global_zero or rows <= 0:
@@ -89,11 +105,23 @@ def log_answers_table(trainer: L.Trainer, examples: list[Example], predictions: 
     for example in [e for e in examples if e.id in predictions][:rows]:
         prediction = predictions[example.id]
         f1 = score(prediction, example.answers)[1]
-        data.append([example.id, example.question, snippet(example), prediction or "(no answer)",
-                     " | ".join(example.answers) or "(no answer)", round(100 * f1, 1)])
+        data.append(
+            [
+                example.id,
+                example.question,
+                snippet(example),
+                prediction or "(no answer)",
+                " | ".join(example.answers) or "(no answer)",
+                round(100 * f1, 1),
+            ]
+        )
     for logger in loggers:
-        logger.log_table("val/answers", ["id", "question", "context", "prediction", "gold", "f1"], data,
-                         step=log_step(trainer))
+        logger.log_table(
+            "val/answers",
+            ["id", "question", "context", "prediction", "gold", "f1"],
+            data,
+            step=log_step(trainer),
+        )
 
 
 def snippet(example: Example, width: int = 300) -> str:
@@ -103,4 +131,8 @@ def snippet(example: Example, width: int = 300) -> str:
         return context
     center = example.starts[0] + len(example.answers[0]) // 2 if example.answers else 0
     begin = int(np.clip(center - width // 2, 0, len(context) - width))
-    return ("..." if begin else "") + context[begin : begin + width] + ("..." if begin + width < len(context) else "")
+    return (
+        ("..." if begin else "")
+        + context[begin : begin + width]
+        + ("..." if begin + width < len(context) else "")
+    )

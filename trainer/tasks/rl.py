@@ -61,8 +61,10 @@ class RLTask(Task):
     ):
         super().__init__()
         if env_steps_per_epoch < env_steps_per_batch:
-            raise ValueError(f"env_steps_per_epoch={env_steps_per_epoch} is less than one training step's "
-                             f"{env_steps_per_batch} environment steps: raise it")
+            raise ValueError(
+                f"env_steps_per_epoch={env_steps_per_epoch} is less than one training step's "
+                f"{env_steps_per_batch} environment steps: raise it"
+            )
         self.env = env
         self.num_envs, self.env_steps_per_batch = num_envs, env_steps_per_batch
         self.total_env_steps, self.env_steps_per_epoch = total_env_steps, env_steps_per_epoch
@@ -84,7 +86,8 @@ class RLTask(Task):
         return self.envs.env_steps if self.envs is not None else 0
 
     def on_train_start(self) -> None:
-        # After a resume too: the environments' state is not in a checkpoint, so every run starts new episodes.
+        # After a resume too: the environments' state is not in a checkpoint, so every run starts new
+        # episodes.
         self.envs.reset(env_seeds(self.seed, self.global_rank, self.env_steps, self.num_envs))
         self._steps_at_log, self._train_time = self.env_steps, 0.0
 
@@ -118,12 +121,17 @@ class RLTask(Task):
         reported = self.step_report.scalars() if self.step_report is not None else {}
         metrics = {f"train/{k}": v for k, v in {**reported, **self.schedules()}.items()}
         metrics["train/env_steps"] = float(self.env_steps)
-        metrics["train/env_steps_per_sec"] = (self.env_steps - self._steps_at_log) / max(self._train_time, 1e-9)
+        metrics["train/env_steps_per_sec"] = (self.env_steps - self._steps_at_log) / max(
+            self._train_time, 1e-9
+        )
         self._steps_at_log, self._train_time = self.env_steps, 0.0
         episodes = self.envs.take_episodes()
         if episodes:
             returns, lengths = zip(*episodes)
-            metrics["train/episodic_return"], metrics["train/episodic_length"] = np.mean(returns), np.mean(lengths)
+            metrics["train/episodic_return"], metrics["train/episodic_length"] = (
+                np.mean(returns),
+                np.mean(lengths),
+            )
         log_now(self.trainer, metrics)
 
     def schedules(self) -> dict[str, float]:
@@ -163,20 +171,34 @@ class RLTask(Task):
             return
         returns, lengths = torch.tensor(list(gather_by_key(self._val_returns).values())).T  # each seed once
         self._val_returns = {}
-        self.log_dict({"val/return": returns.mean(), "val/return_std": returns.std(correction=0),
-                       "val/episode_length": lengths.mean()}, sync_dist=False)
+        self.log_dict(
+            {
+                "val/return": returns.mean(),
+                "val/return_std": returns.std(correction=0),
+                "val/episode_length": lengths.mean(),
+            },
+            sync_dist=False,
+        )
         self.log_episode_video()
 
     def log_episode_video(self) -> None:
         loggers = wandb_loggers(self.trainer)
-        if not loggers or not self.trainer.is_global_zero or self.video_frames <= 0 or self.trainer.sanity_checking:
+        if (
+            not loggers
+            or not self.trainer.is_global_zero
+            or self.video_frames <= 0
+            or self.trainer.sanity_checking
+        ):
             return
         import wandb
 
         path = Path(self.trainer.default_root_dir) / "videos" / f"episode_step{self.global_step:06d}.gif"
+
         def policy(obs: np.ndarray) -> np.ndarray:
             return to_env(self.env, self.greedy_action(as_tensor(obs, self.device)))
 
         if render_episode(self.env, policy, self.eval_seeds[0], path, max_frames=self.video_frames):
             for logger in loggers:
-                logger.log_metrics({"val/episode": wandb.Video(str(path), format="gif")}, step=log_step(self.trainer))
+                logger.log_metrics(
+                    {"val/episode": wandb.Video(str(path), format="gif")}, step=log_step(self.trainer)
+                )
