@@ -62,6 +62,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_bad_config_values(case: str, trained_run: Path, home: Path) -> None:
     args, fragments = CASES[case]
@@ -71,6 +72,7 @@ def test_bad_config_values(case: str, trained_run: Path, home: Path) -> None:
     assert fingerprint(trained_run) == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("corrupt", [True, False])
 def test_image_folder(tmp_path: Path, home: Path, corrupt: bool) -> None:
     folder = image_dir(tmp_path, corrupt)
@@ -89,6 +91,7 @@ def test_image_folder(tmp_path: Path, home: Path, corrupt: bool) -> None:
         assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
 
 
+@pytest.mark.slow
 def test_corrupt_last_checkpoint_is_reported_and_kept(tmp_path: Path, home: Path, trained_run: Path) -> None:
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
@@ -99,6 +102,7 @@ def test_corrupt_last_checkpoint_is_reported_and_kept(tmp_path: Path, home: Path
     assert last.stat().st_size == 5000  # left for the user to inspect
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_model(tmp_path: Path, home: Path, trained_run: Path) -> None:
     before = fingerprint(trained_run)
     result = run_cli(*FAST, "model.generator.width=16", f"hydra.run.dir={trained_run}", home=home)
@@ -106,6 +110,7 @@ def test_checkpoint_of_another_model(tmp_path: Path, home: Path, trained_run: Pa
     assert fingerprint(trained_run) == before
 
 
+@pytest.mark.slow
 def test_a_misspelt_monitor_metric_names_the_metrics_logged(tmp_path: Path, home: Path) -> None:
     result = run_cli(*FAST, "monitor.metric=val/pixel_df", f"hydra.run.dir={tmp_path / 'run'}", home=home)
     assert_clean_failure(result, "monitor.metric=val/pixel_df is never logged", "'val/pixel_fd'")

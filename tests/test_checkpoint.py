@@ -25,6 +25,7 @@ while True:  # ~32 MB per save, so a kill lands mid-write most of the time
 """
 
 
+@pytest.mark.slow
 def test_killing_the_writer_mid_save_leaves_a_readable_checkpoint(tmp_path: Path) -> None:
     path = tmp_path / "last.ckpt"
     killed_mid_write = 0

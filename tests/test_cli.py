@@ -8,6 +8,7 @@ from conftest import TINY_DCGAN, run_cli
 from wandb_offline import find_runs, read_run
 
 
+@pytest.mark.slow
 def test_dcgan_trains_logs_to_wandb_and_resumes_into_the_same_run(tmp_path: Path, home: Path) -> None:
     run_dir = tmp_path / "run"
     args = [
@@ -70,6 +71,7 @@ def test_dcgan_trains_logs_to_wandb_and_resumes_into_the_same_run(tmp_path: Path
     assert best == pytest.approx(min(v for r in runs for _, v in r.series("train/loss_d")), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_two_process_ddp_makes_one_wandb_run_and_distinct_rank_streams(tmp_path: Path, home: Path) -> None:
     import torch
 

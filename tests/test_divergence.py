@@ -26,6 +26,7 @@ from trainer.tasks.base import GANReport, PolicyReport, ValueReport
 FAST = [*TINY_DCGAN, "logger=none", "++trainer.max_epochs=1", "++trainer.limit_train_batches=8"]
 
 
+@pytest.mark.slow
 def test_a_poisoned_batch_halts_at_its_step_and_replays_anywhere(tmp_path: Path, home: Path) -> None:
     run_dir = tmp_path / "run"
     result = run_cli(
@@ -291,6 +292,7 @@ def test_clip_scales_a_gradient_spike_down_to_the_detectors_limit(tmp_path: Path
         assert event["value"] > event["limit"] and applied == pytest.approx(event["limit"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_all_ddp_ranks_take_the_same_decision(tmp_path: Path, home: Path) -> None:
     """The batch is poisoned on rank 0 only; rank 1 must still skip the same update."""
     run_dir = tmp_path / "run"

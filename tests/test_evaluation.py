@@ -64,6 +64,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_three_ranks_score_every_validation_item_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

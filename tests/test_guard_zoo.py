@@ -70,6 +70,7 @@ def test_a_gan_at_a_learning_rate_far_too_high_collapses_and_is_reported(
     assert detectors == ({"collapse"} if collapses else set())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "algo, overrides, series",
     [
@@ -100,6 +101,7 @@ def test_an_rl_agent_at_a_learning_rate_far_too_high_is_reported(
     assert series & {e["series"] for e in divergence_events(run_dir) if e["detector"] == "collapse"}
 
 
+@pytest.mark.slow
 def test_the_default_runs_of_these_agents_are_not_reported(tmp_path: Path) -> None:
     for algo, budget in (("ppo", 20480), ("dqn", 20000)):
         run_dir = tmp_path / algo

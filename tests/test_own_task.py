@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import REPO, assert_clean_failure, cli_env, last_step, run_cli
 from wandb_offline import find_runs, read_run
 
@@ -23,6 +24,7 @@ def run_own(*args: str, home: Path) -> subprocess.CompletedProcess:
     return run_cli(*OWN_EXP, *args, home=home, cwd=OWN)  # the working directory makes `classifier` importable
 
 
+@pytest.mark.slow
 def test_an_own_task_trains_is_monitored_and_resumes(tmp_path: Path, home: Path) -> None:
     run_dir = tmp_path / "run"
     args = [f"hydra.run.dir={run_dir}", "callbacks.gradients.log_every_n_steps=5"]
@@ -49,6 +51,7 @@ def test_an_own_task_trains_is_monitored_and_resumes(tmp_path: Path, home: Path)
     assert runs[0].config["task"]["_target_"] == "classifier.DigitClassifier"
 
 
+@pytest.mark.slow
 def test_an_own_task_halts_on_a_poisoned_batch_and_replays(tmp_path: Path, home: Path) -> None:
     run_dir = tmp_path / "run"
     result = run_own("divergence.inject.step=3", "logger=none", f"hydra.run.dir={run_dir}", home=home)

@@ -28,6 +28,7 @@ def test_debug_presets_run(preset: str, tmp_path: Path) -> None:
         assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
 
 
+@pytest.mark.slow
 def test_gpu_switches_run_on_cpu_and_keep_checkpoints_portable(tmp_path: Path, home: Path) -> None:
     """bf16 autocast + torch.compile + channels_last, then a plain fp32 run resumes from that checkpoint."""
     run_dir = tmp_path / "run"

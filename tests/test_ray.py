@@ -13,6 +13,8 @@ import torch
 from conftest import TINY_DCGAN, cli_env, last_step, run_cli
 from wandb_offline import find_runs, read_run
 
+pytestmark = pytest.mark.slow  # every test here starts a cluster or runs end to end
+
 RAY = ["launcher=ray", "launcher.num_workers=2"]
 # Big enough that a step takes tens of milliseconds, so a worker can be killed in the middle of training.
 SLOW_DCGAN = [

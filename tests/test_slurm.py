@@ -12,6 +12,8 @@ import yaml
 from conftest import REPO, TINY_DCGAN, last_step, run_cli
 from wandb_offline import find_runs, read_run
 
+pytestmark = pytest.mark.slow  # every test here starts a cluster or runs end to end
+
 SLOW_DCGAN = [
     "+exp=dcgan",
     "data.batch_size=32",

@@ -25,6 +25,7 @@ def wandb_run(run_dir: Path):
     return read_run(path, strict=False)
 
 
+@pytest.mark.slow
 def test_an_optuna_sweep_gives_each_trial_its_run_dir_and_wandb_run_and_ends_with_the_best(
     tmp_path: Path, home: Path
 ) -> None:
@@ -69,6 +70,7 @@ def test_an_optuna_sweep_gives_each_trial_its_run_dir_and_wandb_run_and_ends_wit
     assert any(f.startswith("media/table/sweep/results") for f in summary.files)
 
 
+@pytest.mark.slow
 def test_a_diverged_trial_is_recorded_and_the_sweep_goes_on(tmp_path: Path, home: Path) -> None:
     sweep_dir = tmp_path / "sweep"
     result = run_cli(
@@ -89,6 +91,7 @@ def test_a_diverged_trial_is_recorded_and_the_sweep_goes_on(tmp_path: Path, home
     assert "completed" in table and "diverged" in table
 
 
+@pytest.mark.slow
 def test_a_trial_without_its_metric_fails_with_the_reason(tmp_path: Path, home: Path) -> None:
     result = run_cli(
         "-m",
@@ -167,6 +170,7 @@ def test_the_best_trial_skips_unfinished_and_diverged_ones() -> None:
 TINY_TUNE = [*TINY_DCGAN, "hparams_search=dcgan_asha", "++trainer.max_epochs=3", "tune.grace_period=1"]
 
 
+@pytest.mark.slow
 def test_asha_stops_weak_trials_early_and_they_really_run_fewer_steps(tmp_path: Path, home: Path) -> None:
     run_dir = tmp_path / "sweep"
     # One trial at a time, so that the order in which trials reach ASHA's rungs (and so its decisions) is
@@ -207,6 +211,7 @@ def test_asha_stops_weak_trials_early_and_they_really_run_fewer_steps(tmp_path: 
     assert summary.group == "dcgan-sweep" and summary.summary["best/trial"] == best["trial"]
 
 
+@pytest.mark.slow
 def test_tune_runs_trials_at_once(tmp_path: Path, home: Path) -> None:
     run_dir = tmp_path / "sweep"
     result = run_cli(
@@ -228,6 +233,7 @@ def test_tune_runs_trials_at_once(tmp_path: Path, home: Path) -> None:
         assert last_step(run_dir / name) == 4 * 2
 
 
+@pytest.mark.slow
 def test_an_interrupted_tune_sweep_resumes_where_it_stopped(tmp_path: Path, home: Path) -> None:
     run_dir = tmp_path / "sweep"
     args = [
@@ -274,6 +280,7 @@ def test_an_interrupted_tune_sweep_resumes_where_it_stopped(tmp_path: Path, home
     assert len(runs) == 2 and len({r.run_id for r in runs}) == 1  # the resumed trial continued its W&B run
 
 
+@pytest.mark.slow
 def test_a_tune_sweep_outside_ray_is_refused_with_the_fix(tmp_path: Path, home: Path) -> None:
     result = run_cli(
         "+exp=dcgan", "hparams_search=dcgan_asha", "launcher=local", f"hydra.run.dir={tmp_path}", home=home
