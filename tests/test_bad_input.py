@@ -59,6 +59,12 @@ CASES = {
         ["+exp=dcgan", "ckpt_path=/no/such.ckpt"],
         ["ckpt_path=/no/such.ckpt does not exist"],
     ),
+    "batch size of 0": (
+        ["+exp=dcgan", "data.batch_size=0"],
+        ["data.batch_size=0 is out of range", "int >= 1"],
+    ),
+    "seed not a number": (["+exp=dcgan", "seed=abc"], ["seed='abc' has the wrong type", "expected int"]),
+    "negative loader workers": (["+exp=dcgan", "data.num_workers=-2"], ["data.num_workers=-2", "int >= 0"]),
 }
 
 
@@ -114,3 +120,35 @@ def test_checkpoint_of_another_model(tmp_path: Path, home: Path, trained_run: Pa
 def test_a_misspelt_monitor_metric_names_the_metrics_logged(tmp_path: Path, home: Path) -> None:
     result = run_cli(*FAST, "monitor.metric=val/pixel_df", f"hydra.run.dir={tmp_path / 'run'}", home=home)
     assert_clean_failure(result, "monitor.metric=val/pixel_df is never logged", "'val/pixel_fd'")
+
+
+def test_a_run_dir_that_cannot_be_created_is_one_line(tmp_path: Path, home: Path) -> None:
+    (tmp_path / "a_file").write_text("in the way")
+    run_dir = tmp_path / "a_file" / "run"
+    assert_clean_failure(
+        run_cli(*FAST, f"hydra.run.dir={run_dir}", home=home), f"hydra.run.dir={run_dir} cannot"
+    )
+
+
+@pytest.mark.slow
+def test_a_wrong_value_never_reaches_the_slurm_queue(tmp_path: Path, home: Path) -> None:
+    run_dir = tmp_path / "run"
+    args = ["+exp=dcgan", "launcher=slurm", "slurm.dry_run=true", f"hydra.run.dir={run_dir}"]
+    assert_clean_failure(run_cli(*args, "trainer.max_epochs=ten", home=home), "trainer.max_epochs='ten'")
+    assert not (run_dir / "slurm" / "job.sbatch").exists()
+    assert run_cli(*args, home=home).returncode == 0 and (run_dir / "slurm" / "job.sbatch").is_file()
+
+
+@pytest.mark.slow
+def test_printing_a_config_checks_it_first(home: Path) -> None:
+    wrong = run_cli("+exp=dcgan", "trainer.max_epochs=ten", "--cfg", "job", home=home)
+    assert_clean_failure(wrong, "trainer.max_epochs='ten'")
+    printed = run_cli("+exp=dcgan", "--cfg", "job", home=home)
+    assert printed.returncode == 0 and "name: dcgan" in printed.stdout
+
+
+@pytest.mark.slow
+def test_a_sweep_with_a_wrong_value_starts_no_trial(tmp_path: Path, home: Path) -> None:
+    sweep = ["-m", *FAST, "seed=1,2", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    assert_clean_failure(run_cli(*sweep, "data.batch_size=0", home=home), "data.batch_size=0 is out of range")
+    assert not (tmp_path / "sweep" / "0").exists()

@@ -7,7 +7,7 @@ import pytest
 from conftest import REPO, compose_config, run_cli
 from omegaconf import OmegaConf
 
-from trainer.config import check_arguments
+from trainer.config import check_arguments, check_config
 from trainer.errors import UserError
 
 CONF = REPO / "conf"
@@ -95,6 +95,35 @@ def test_wrong_types_are_refused(override: str, message: str, tmp_path: Path) ->
     cfg = compose_config("+exp=dcgan", override, run_dir=tmp_path)
     with pytest.raises(UserError, match=message):
         check_arguments(Trainer, cfg.trainer, "trainer")
+
+
+@pytest.mark.parametrize("exp", options("exp"))
+def test_every_exp_passes_the_whole_config_check(exp: str, tmp_path: Path) -> None:
+    check_config(compose_config(f"+exp={exp}", run_dir=tmp_path))
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["data.batch_size=0"], r"data\.batch_size=0 is out of range: expected int >= 1"),
+        (["data.num_workers=-1"], r"data\.num_workers=-1 is out of range: expected int >= 0"),
+        (["seed=abc"], r"seed='abc' has the wrong type: expected int"),
+        (["resume=sometimes"], r"resume='sometimes' has the wrong type: expected one of 'auto', 'never'"),
+        (
+            ["launcher=ray", "launcher.num_workers=0"],
+            r"launcher\.num_workers=0 is out of range: expected int >= 1",
+        ),
+        (
+            ["callbacks.last_checkpoint.every_n_train_steps=often"],
+            r"callbacks\.last_checkpoint\.every_n_train_steps",
+        ),
+    ],
+)
+def test_the_whole_config_check_finds_a_bad_value_anywhere(
+    overrides: list[str], message: str, tmp_path: Path
+) -> None:
+    with pytest.raises(UserError, match=message):
+        check_config(compose_config("+exp=dcgan", *overrides, run_dir=tmp_path))
 
 
 def test_wheel_carries_the_configs_and_runs_from_any_directory(tmp_path: Path, home: Path) -> None:

@@ -290,3 +290,19 @@ def test_a_tune_sweep_outside_ray_is_refused_with_the_fix(tmp_path: Path, home: 
         "error: mode=tune is a Ray Tune sweep and runs on Ray: use launcher=ray or launcher=slurm"
         in result.stderr
     )
+
+
+def test_hydra_sweep_syntax_becomes_optuna_distributions() -> None:
+    import optuna.distributions as d
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from hydra_plugins.trainer_optuna_sweeper.optuna_sweeper import distribution
+
+    def parsed(text: str) -> d.BaseDistribution:
+        return distribution(OverridesParser.create().parse_override(f"key={text}"))
+
+    assert parsed("tag(log, interval(1e-4, 1e-2))") == d.FloatDistribution(1e-4, 1e-2, log=True)
+    assert parsed("interval(0.2, 0.9)") == d.FloatDistribution(0.2, 0.9)
+    assert parsed("int(interval(2, 8))") == d.IntDistribution(2, 8)
+    assert parsed("choice(16, 32, 64)") == d.CategoricalDistribution([16, 32, 64])
+    assert parsed("range(1, 4)") == d.CategoricalDistribution([1, 2, 3])

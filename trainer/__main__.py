@@ -31,7 +31,7 @@ def config_dir() -> str:
 def _hydra_main(cfg: DictConfig) -> float | None:
     """One run; in a multirun (`-m`), one trial, which returns the best value of `monitor.metric` to the
     sweeper."""
-    from trainer.config import build
+    from trainer.config import build, check_config
     from trainer.divergence.guard import DivergenceHalt
     from trainer.sweeps import sweep_group
 
@@ -40,6 +40,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     if in_sweep and not cfg.group:
         cfg.group = sweep_group(cfg.name, HydraConfig.get().sweep.dir)
     try:
+        check_config(cfg)  # all of it, before anything runs, is submitted or starts a cluster
         launcher = build(cfg.launcher, "launcher")
         metrics = launcher.launch(cfg)
         return sweep_objective(cfg, metrics) if in_sweep else None
@@ -117,6 +118,43 @@ def unknown_choice(args: list[str], roots: list[Path]) -> str | None:
     return None
 
 
+def unwritable_run_dir(args: list[str]) -> str | None:
+    """A run or sweep dir given on the command line that cannot be created, said in one line (Hydra would
+    fail on it with a traceback). Made here, as Hydra would make it a moment later."""
+    for arg in args:
+        match = re.fullmatch(r"\+{0,2}hydra\.(run|sweep)\.dir=(.+)", arg)
+        if match and "${" not in match[2]:
+            try:
+                Path(match[2]).expanduser().mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                reason = f"cannot be created ({e.strerror})"
+                return f"hydra.{match[1]}.dir={match[2]} {reason}: choose a folder you can write"
+    return None
+
+
+def check_before_hydra(argv: list[str]) -> None:
+    """The config checked before Hydra acts on it where Hydra never calls the job that checks it (`--cfg`
+    prints and runs nothing) or calls it once per trial (a sweep): a wrong value is refused once, before
+    any trial starts. The keys a sweep varies are left to each trial's own check."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    args = get_args_parser().parse_args(argv)
+    if not (args.cfg or args.multirun):
+        return
+    from trainer.config import check_config
+
+    try:
+        overrides = OverridesParser.create().parse_overrides(args.overrides)
+        fixed = [o.input_line for o in overrides if not o.is_sweep_override()]
+        with initialize_config_dir(config_dir(), version_base="1.3"):
+            cfg = compose(args.config_name or "config", overrides=fixed)
+    except Exception:  # a syntax or composition error: Hydra reports it itself below
+        return
+    check_config(cfg)
+
+
 def one_line(error: BaseException) -> str:
     """The user-facing line, also when the error was re-raised from a DataLoader worker."""
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()] or [
@@ -139,9 +177,18 @@ def _fail(message: str, in_sweep: bool = False) -> None:
 
 
 def main() -> None:
+    if sys.argv[1:] == ["--version"]:  # Hydra's own flag would print Hydra's version
+        from trainer import __version__
+
+        print(f"trainer {__version__}")
+        return
     roots = config_roots(sys.argv[1:])
-    if roots and (problem := unknown_choice(sys.argv[1:], roots)):
+    if problem := (roots and unknown_choice(sys.argv[1:], roots)) or unwritable_run_dir(sys.argv[1:]):
         _fail(problem)
+    try:
+        check_before_hydra(sys.argv[1:])
+    except UserError as e:
+        _fail(one_line(e))
     try:
         _hydra_main()
     except KeyboardInterrupt:  # Ctrl-C; what was saved stays, and the same command continues from it

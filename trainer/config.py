@@ -17,8 +17,10 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from trainer.errors import UserError
+from trainer.ranges import AtLeast
 
 
 def build(node: DictConfig, where: str, **kwargs: Any) -> Any:
@@ -59,24 +61,92 @@ def check_arguments(target: Any, node: DictConfig, where: str) -> None:
             close = difflib.get_close_matches(key, list(params), n=1)
             hint = f"did you mean {where}.{close[0]}?" if close else f"valid keys: {', '.join(params)}"
             raise UserError(f"{where}.{key} is not an option of {_name(target)}: {hint}")
-        if key in hints and _accepts(hints[key], node[key]) is False:
+        if key in hints and (value := _resolved(node, key)) is not _UNRESOLVED:
+            _check_value(f"{where}.{key}", hints[key], value)
+
+
+_UNRESOLVED = object()
+
+
+def _resolved(node: DictConfig, key: str) -> Any:
+    """The value, or _UNRESOLVED where it interpolates what only a running job knows (`--cfg` checks a config
+    before Hydra has made its run dir)."""
+    try:
+        return node[key]
+    except OmegaConfBaseException:
+        return _UNRESOLVED
+
+
+def _check_value(key: str, tp: Any, value: Any) -> None:
+    if _accepts(tp, value) is False:
+        shown = (
+            OmegaConf.to_container(value, resolve=True)
+            if isinstance(value, (DictConfig, ListConfig))
+            else value
+        )
+        problem = "is out of range" if _accepts(_base(tp), value) else "has the wrong type"
+        raise UserError(f"{key}={shown!r} {problem}: expected {_describe(tp)}")
+
+
+# The top-level keys of conf/config.yaml that the code reads as plain values.
+TOP_LEVEL = {
+    "seed": int,
+    "name": str,
+    "mode": typing.Literal["train", "lr_find", "tune"],
+    "resume": typing.Literal["auto", "never"],
+    "ckpt_path": str | None,
+    "group": str | None,
+}
+
+
+def check_config(cfg: DictConfig) -> None:
+    """The whole composed config, before anything runs or is submitted: the top-level keys' types, and every
+    `_target_` node (task, model, data, trainer, callbacks, loggers, launcher, ...) against its target's
+    signature, value ranges included."""
+    for key, tp in TOP_LEVEL.items():
+        if key in cfg and (value := _resolved(cfg, key)) is not _UNRESOLVED:
+            _check_value(key, tp, value)
+    if "monitor" in cfg:
+        _check_value("monitor.mode", typing.Literal["min", "max"], cfg.monitor.mode)
+    for where, node in _target_nodes(cfg, ""):
+        try:
+            target = get_object(node._target_)
+        except Exception:
             raise UserError(
-                f"{where}.{key}={OmegaConf.to_container(node, resolve=True)[key]!r} has the wrong type: "
-                f"expected {_describe(hints[key])}"
-            )
+                f"{where}._target_={node._target_} cannot be imported: check the module and class name"
+            ) from None
+        check_arguments(target, node, where)
+
+
+def _target_nodes(node: DictConfig, where: str) -> list[tuple[str, DictConfig]]:
+    found = [(where, node)] if "_target_" in node and where else []
+    for key in node:
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+            found += _target_nodes(child, f"{where}.{key}" if where else str(key))
+    return found
 
 
 def _type_hints(target: Any) -> dict[str, Any]:
     function = target.__init__ if inspect.isclass(target) else target
     try:
-        return typing.get_type_hints(function)
+        return typing.get_type_hints(function, include_extras=True)
     except Exception:  # unresolvable forward references: check keys only
         return {}
+
+
+def _base(tp: Any) -> Any:
+    """The type without its range (`Annotated[int, AtLeast(1)]` -> int)."""
+    return typing.get_args(tp)[0] if typing.get_origin(tp) is typing.Annotated else tp
 
 
 def _accepts(tp: Any, value: Any) -> bool | None:
     """True or False where the annotation decides it, None where it is too rich to judge."""
     origin = typing.get_origin(tp)
+    if origin is typing.Annotated:
+        verdict = _accepts(_base(tp), value)
+        floors = [m.minimum for m in tp.__metadata__ if isinstance(m, AtLeast)]
+        return False if verdict and any(value < floor for floor in floors) else verdict
     if origin in (typing.Union, types.UnionType):
         verdicts = [_accepts(arg, value) for arg in typing.get_args(tp)]
         return True if True in verdicts else (None if None in verdicts else False)
@@ -103,6 +173,9 @@ def _accepts(tp: Any, value: Any) -> bool | None:
 
 def _describe(tp: Any) -> str:
     origin = typing.get_origin(tp)
+    if origin is typing.Annotated:
+        floors = [f" >= {m.minimum:g}" for m in tp.__metadata__ if isinstance(m, AtLeast)]
+        return _describe(_base(tp)) + "".join(floors)
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_describe(a) for a in typing.get_args(tp))
     if origin is typing.Literal:

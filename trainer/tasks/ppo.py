@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from trainer.envs import EnvSpec, as_tensor, to_env
+from trainer.ranges import Positive
 from trainer.tasks.base import PolicyReport
 from trainer.tasks.rl import RLTask
 
@@ -25,7 +26,7 @@ class PPO(RLTask):
         env: EnvSpec,
         seed: int,
         total_env_steps: int = 150_000,
-        num_envs: int = 4,
+        num_envs: Positive = 4,
         num_steps: int = 128,
         lr: float = 2.5e-4,
         anneal_lr: bool = True,
