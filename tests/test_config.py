@@ -151,3 +151,60 @@ def test_wheel_carries_the_configs_and_runs_from_any_directory(tmp_path: Path, h
     )
     assert result.returncode == 0, result.stderr
     assert "name: dcgan" in result.stdout
+
+
+def targets_in_conf() -> list[str]:
+    found = {
+        line.split("_target_:", 1)[1].split("#")[0].strip()
+        for path in CONF.rglob("*.yaml")
+        for line in path.read_text().splitlines()
+        if "_target_:" in line
+    }
+    return sorted(t for t in found if not t.startswith("${"))
+
+
+@pytest.mark.parametrize("target", targets_in_conf())
+def test_signatures_read_from_source_match_the_imported_ones(target: str) -> None:
+    import inspect
+
+    from hydra.utils import get_object
+
+    from trainer.config import _type_hints
+    from trainer.signatures import source_signature
+
+    read = source_signature(target)
+    assert read is not None, f"{target}: the check would have to import it"
+    params = inspect.signature(get_object(target)).parameters.values()
+    assert read.names == [p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    assert read.takes_any == any(p.kind is p.VAR_KEYWORD for p in params)
+    imported = _type_hints(get_object(target))
+    assert read.hints == {k: imported[k] for k in read.hints}
+
+
+def test_a_config_is_checked_without_importing_what_it_configures() -> None:
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from hydra import compose, initialize_config_dir\n"
+        "from trainer.__main__ import config_dir; from trainer.config import check_config\n"
+        "from trainer.errors import UserError\n"
+        "with initialize_config_dir(config_dir(), version_base='1.3'):\n"
+        "    cfg = compose('config', overrides=['+exp=dcgan', 'trainer.max_epochs=ten'])\n"
+        "try:\n    check_config(cfg)\n"
+        "except UserError as e:\n    print(e)\n"
+        "print(sorted(m for m in ('torch', 'lightning', 'ray', 'transformers') if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO / "tests",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert done.stdout.splitlines() == [
+        "trainer.max_epochs='ten' has the wrong type: expected int or null",
+        "[]",
+    ]

@@ -33,6 +33,8 @@ def test_the_wheel_installs_with_plain_pip_and_trains(tmp_path: Path, home: Path
     located = run(str(python), "-c", "import trainer; print(trainer.__file__)")
     assert str(tmp_path / "venv") in located.stdout  # not the source tree
 
+    printed = run(trainer, "+exp=dcgan", "--cfg", "job")
+    assert printed.returncode == 0 and "name: dcgan" in printed.stdout, printed.stderr[-2000:]
     run_dir = tmp_path / "run"
     trained = run(trainer, *TINY_DCGAN, "++trainer.max_epochs=1", "logger=none", f"hydra.run.dir={run_dir}")
     assert trained.returncode == 0, trained.stderr[-3000:]

@@ -32,7 +32,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     """One run; in a multirun (`-m`), one trial, which returns the best value of `monitor.metric` to the
     sweeper."""
     from trainer.config import build, check_config
-    from trainer.divergence.guard import DivergenceHalt
+    from trainer.errors import DivergenceHalt
     from trainer.sweeps import sweep_group
 
     _tidy_logging()

@@ -15,12 +15,12 @@ from typing import Any
 
 from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from trainer.errors import UserError
 from trainer.ranges import AtLeast
+from trainer.signatures import source_signature
 
 
 def build(node: DictConfig, where: str, **kwargs: Any) -> Any:
@@ -38,6 +38,8 @@ def build(node: DictConfig, where: str, **kwargs: Any) -> Any:
         cause = e.__cause__ or e
         if isinstance(cause, UserError):
             raise cause from None
+        from lightning.fabric.utilities.exceptions import MisconfigurationException  # (slow to import)
+
         if isinstance(cause, (ValueError, TypeError, MisconfigurationException)):
             raise UserError(f"{where}: {cause}") from None
         raise
@@ -50,7 +52,12 @@ def check_arguments(target: Any, node: DictConfig, where: str) -> None:
         return
     params = signature.parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    hints = _type_hints(target)
+    _check_node(node, where, _name(target), list(params), takes_any, _type_hints(target))
+
+
+def _check_node(
+    node: DictConfig, where: str, target: str, params: list[str], takes_any: bool, hints: dict[str, Any]
+) -> None:
     for key in node:
         key = str(key)
         if key.startswith("_"):
@@ -60,7 +67,7 @@ def check_arguments(target: Any, node: DictConfig, where: str) -> None:
                 continue
             close = difflib.get_close_matches(key, list(params), n=1)
             hint = f"did you mean {where}.{close[0]}?" if close else f"valid keys: {', '.join(params)}"
-            raise UserError(f"{where}.{key} is not an option of {_name(target)}: {hint}")
+            raise UserError(f"{where}.{key} is not an option of {target}: {hint}")
         if key in hints and (value := _resolved(node, key)) is not _UNRESOLVED:
             _check_value(f"{where}.{key}", hints[key], value)
 
@@ -109,13 +116,17 @@ def check_config(cfg: DictConfig) -> None:
     if "monitor" in cfg:
         _check_value("monitor.mode", typing.Literal["min", "max"], cfg.monitor.mode)
     for where, node in _target_nodes(cfg, ""):
+        target = str(node._target_)
+        if (source := source_signature(target)) is not None:  # read, not imported: fast
+            _check_node(node, where, target, source.names, source.takes_any, source.hints)
+            continue
         try:
-            target = get_object(node._target_)
+            obj = get_object(target)
         except Exception:
             raise UserError(
-                f"{where}._target_={node._target_} cannot be imported: check the module and class name"
+                f"{where}._target_={target} cannot be imported: check the module and class name"
             ) from None
-        check_arguments(target, node, where)
+        check_arguments(obj, node, where)
 
 
 def _target_nodes(node: DictConfig, where: str) -> list[tuple[str, DictConfig]]:

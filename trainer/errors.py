@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """A problem in the user's config, data or files. The message names the problem and the fix."""
+
+
+class DivergenceHalt(UserError):
+    """Training stopped on purpose by the divergence guard; the message names the bundle to replay."""

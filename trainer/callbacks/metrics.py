@@ -4,15 +4,14 @@ Scripts, sweeps and CI read results from this file without W&B. Its state travel
 resumed run keeps the best values of the run it continues.
 """
 
-import json
 import math
-import os
 import re
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 
+from trainer.files import write_json_atomic
 from trainer.loggers import log_step
 
 # Metrics whose name matches are better when smaller; everything else (accuracy, AP, return, F1) when larger.
@@ -21,12 +20,6 @@ LOWER_IS_BETTER = re.compile(r"loss|error|err\b|_fd|fid|kl|perplexity|time|nan|i
 
 def better_mode(name: str) -> str:
     return "min" if LOWER_IS_BETTER.search(name) else "max"
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 class MetricsFile(L.Callback):

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainer.callbacks.metrics import write_json_atomic
+from trainer.files import write_json_atomic
 
 FIRST = [
     "Ada",

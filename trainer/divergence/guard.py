@@ -55,17 +55,13 @@ from trainer.callbacks.rng import capture_rng
 from trainer.divergence.bundle import bundle_dir, tensor_bytes, to_cpu, write_bundle
 from trainer.divergence.detectors import Alarm, CollapseWatch, SeriesWatch
 from trainer.divergence.picture import draw_event
-from trainer.errors import UserError
+from trainer.errors import DivergenceHalt, UserError
 from trainer.loggers import log_step
 from trainer.tasks.base import StepReport, Task, step_data, step_report
 
 log = logging.getLogger(__name__)
 
 ACTIONS = ("warn", "clip", "skip", "rollback", "halt")
-
-
-class DivergenceHalt(UserError):
-    """Training stopped on purpose by the guard; the message names the bundle to replay."""
 
 
 class DivergenceGuard(L.Callback):

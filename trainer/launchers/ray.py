@@ -23,8 +23,9 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from trainer.callbacks.last_checkpoint import LastCheckpoint
-from trainer.callbacks.metrics import MetricsFile, write_json_atomic
+from trainer.callbacks.metrics import MetricsFile
 from trainer.errors import UserError
+from trainer.files import write_json_atomic
 from trainer.ranges import Positive
 
 STRATEGIES = ("ddp", "fsdp")

@@ -20,7 +20,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.callbacks.metrics import write_json_atomic
+from trainer.files import write_json_atomic
 from trainer.sweeps import sweep_group
 
 TRIAL_FILE = "trial.json"
