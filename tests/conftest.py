@@ -35,6 +35,24 @@ TINY_DCGAN = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """A test that runs `train()` in this process sets up the run's console and train.log on the root
+    logger (trainer/console.py); the next test starts from pytest's own."""
+    import logging
+    import warnings
+
+    root = logging.getLogger()
+    handlers, level, showwarning = root.handlers[:], root.level, warnings.showwarning
+    yield
+    for handler in root.handlers:
+        if handler not in handlers:
+            handler.close()
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    warnings.showwarning = showwarning
+
+
 def compose_config(*overrides: str, run_dir: Path | None = None) -> DictConfig:
     extra = [f"run_dir={run_dir}"] if run_dir is not None else []
     with initialize_config_dir(config_dir(), version_base="1.3"):

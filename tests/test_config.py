@@ -4,7 +4,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import REPO, compose_config, run_cli
+from conftest import REPO, compose_config
 from omegaconf import OmegaConf
 
 from trainer.config import check_arguments, check_config
@@ -57,17 +57,6 @@ def test_gpu_preset_turns_on_the_fast_paths(tmp_path: Path) -> None:
     assert cfg.trainer.max_epochs == 25  # the exp still wins over the preset's defaults
     cpu = compose_config("+exp=dcgan", run_dir=tmp_path)
     assert not (cpu.perf.compile or cpu.perf.channels_last or cpu.data.pin_memory)
-
-
-def test_help_lists_groups_and_options(home: Path) -> None:
-    result = run_cli("--help", home=home)
-    assert result.returncode == 0
-    for line in (
-        "exp: dcgan",
-        "logger: csv, none, tensorboard, wandb",
-        "trainer: cpu, ddp, ddp_cpu, default, gpu",
-    ):
-        assert line in result.stdout
 
 
 def test_unknown_key_is_refused_with_a_suggestion(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import logging
 import math
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
+from trainer.console import SUMMARY_LOGGER, setup_logging
 from trainer.errors import UserError
+
+log = logging.getLogger("trainer")
 
 
 def config_dir() -> str:
@@ -30,32 +34,45 @@ def config_dir() -> str:
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
     """One run; in a multirun (`-m`), one trial, which returns the best value of `monitor.metric` to the
-    sweeper."""
+    sweeper. The run's summary (written by its rank zero) is shown last, then the error if any."""
     from trainer.config import build, check_config
     from trainer.errors import DivergenceHalt
     from trainer.sweeps import sweep_group
 
-    _tidy_logging()
+    started = time.time()
+    setup_logging(cfg.run_dir, verbose=bool(cfg.get("verbose")))
     in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     if in_sweep and not cfg.group:
         cfg.group = sweep_group(cfg.name, HydraConfig.get().sweep.dir)
+    error, halted = None, False
     try:
         check_config(cfg)  # all of it, before anything runs, is submitted or starts a cluster
-        launcher = build(cfg.launcher, "launcher")
-        metrics = launcher.launch(cfg)
-        return sweep_objective(cfg, metrics) if in_sweep else None
+        metrics = build(cfg.launcher, "launcher").launch(cfg)
     except DivergenceHalt as e:
-        if not in_sweep:
-            _fail(one_line(e))
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return math.nan  # a diverged trial is a result: Optuna records it as failed and the sweep goes on
+        error, halted = one_line(e), True
     except UserError as e:
-        _fail(one_line(e), in_sweep)
+        error = one_line(e)
     except OmegaConfBaseException as e:  # a missing mandatory value (???), a broken interpolation
         key = getattr(e, "full_key", None)
-        _fail(f"config key {key}: {one_line(e)}" if key else one_line(e), in_sweep)
+        error = f"config key {key}: {one_line(e)}" if key else one_line(e)
     finally:
-        print(f"trainer: run dir {cfg.get('run_dir', '?')}", file=sys.stderr)
+        show_summary(Path(cfg.run_dir), since=started)
+    if halted and in_sweep:
+        log.error(error)
+        return math.nan  # a diverged trial is a result: Optuna records it as failed and the sweep goes on
+    if error is not None:
+        _fail(error, in_sweep)
+    return sweep_objective(cfg, metrics) if in_sweep else None
+
+
+def show_summary(run_dir: Path, since: float) -> None:
+    """The summary the run wrote (trainer/summary.py), to the console and train.log; nothing when no
+    training started (a config error, a submitted job)."""
+    from trainer.summary import SUMMARY_FILE
+
+    summary = run_dir / SUMMARY_FILE
+    if summary.is_file() and summary.stat().st_mtime >= since:
+        logging.getLogger(SUMMARY_LOGGER).info(summary.read_text().rstrip())
 
 
 def sweep_objective(cfg: DictConfig, metrics: dict[str, Any]) -> float:
@@ -78,16 +95,6 @@ def sweep_objective(cfg: DictConfig, metrics: dict[str, Any]) -> float:
             f"{', '.join(sorted(metrics)) or 'nothing'}): check that validation runs"
         )
     return float(metrics[metric]["best"])
-
-
-def _tidy_logging() -> None:
-    """Lightning's messages go through Hydra's handlers (console and <run dir>/train.log) once, not twice."""
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).handlers.clear()
-        logging.getLogger(name).propagate = True
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
-        lambda record: not record.getMessage().startswith("💡")  # an advertisement, not information
-    )
 
 
 def config_roots(args: list[str]) -> list[Path] | None:
@@ -170,21 +177,34 @@ class TrialFailed(Exception):
 
 
 def _fail(message: str, in_sweep: bool = False) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    if logging.getLogger().handlers:  # inside the job: the console and train.log
+        log.error(message)
+    else:
+        print(f"error: {message}", file=sys.stderr)
     if in_sweep:
         raise TrialFailed(message) from None
     sys.exit(2)
 
 
 def main() -> None:
-    if sys.argv[1:] == ["--version"]:  # Hydra's own flag would print Hydra's version
+    args = sys.argv[1:]
+    if args == ["--version"]:  # Hydra's own flag would print Hydra's version
         from trainer import __version__
 
         print(f"trainer {__version__}")
         return
-    roots = config_roots(sys.argv[1:])
-    if problem := (roots and unknown_choice(sys.argv[1:], roots)) or unwritable_run_dir(sys.argv[1:]):
+    if args[:1] == ["--docs"]:
+        from trainer.cli_help import docs
+
+        print(docs(args[1] if len(args) > 1 else None))
+        return
+    roots = config_roots(args)
+    if problem := (roots and unknown_choice(args, roots)) or unwritable_run_dir(args):
         _fail(problem)
+    if "--help" in args or "-h" in args:
+        print_help(args, roots or [Path(config_dir())])
+        return
+    sys.argv[1:] = ["verbose=true" if arg in ("-v", "--verbose") else arg for arg in args]
     try:
         check_before_hydra(sys.argv[1:])
     except UserError as e:
@@ -194,6 +214,22 @@ def main() -> None:
     except KeyboardInterrupt:  # Ctrl-C; what was saved stays, and the same command continues from it
         print("trainer: interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def print_help(args: list[str], roots: list[Path]) -> None:
+    """Groups, options and examples; the composed config only when an exp is named."""
+    from trainer.cli_help import help_text
+
+    overrides = [arg for arg in args if arg not in ("--help", "-h")]
+    composed = None
+    if any(arg.lstrip("+").startswith("exp=") for arg in overrides):
+        from hydra import compose, initialize_config_dir
+        from omegaconf import OmegaConf
+
+        with initialize_config_dir(config_dir(), version_base="1.3"):
+            cfg = compose("config", overrides=overrides)
+        composed = OmegaConf.to_yaml(cfg)
+    print(help_text(roots, composed))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Checkpoint files: atomic writes, loads that run no pickled code, and which checkpoint a run resumes
 from."""
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -10,6 +11,8 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
 from trainer.errors import UserError
+
+log = logging.getLogger(__name__)
 
 FIX = "pass a good checkpoint with ckpt_path=PATH, or start fresh with resume=never"
 
@@ -110,5 +113,5 @@ def resume_checkpoint(run_dir: Path, resume: str, ckpt_path: str | None, keep_ol
         # Starting fresh must not destroy what an earlier run saved: keep it beside the new one.
         kept = checkpoints.with_name(f"checkpoints.before-{time.strftime('%Y%m%d-%H%M%S')}")
         checkpoints.rename(kept)
-        print(f"trainer: resume=never, earlier checkpoints kept in {kept}")
+        log.info(f"resume=never, earlier checkpoints kept in {kept}")
     return None

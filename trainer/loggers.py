@@ -1,4 +1,6 @@
-"""Loggers. W&B is the default: online with an API key, offline without (no account, no prompt, no hang).
+"""Loggers. W&B is the default. Its mode: `logger.wandb.mode` when set; else W&B's own settings
+(`WANDB_MODE`, or what `wandb offline` / `wandb online` saved); else online with an API key and offline
+without one (no account, no prompt, no hang).
 
 The W&B run id is kept in <run dir>/wandb_run.json, so a resumed or requeued run continues the same W&B
 run instead of starting a new one.
@@ -9,6 +11,7 @@ import netrc
 import os
 import secrets
 import string
+import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -35,7 +38,17 @@ def resolve_wandb_mode(mode: str) -> str:
         raise ValueError(f"logger.wandb.mode={mode} is not one of {', '.join(MODES)}")
     if mode != "auto":
         return mode
-    return os.environ.get("WANDB_MODE") or ("online" if has_wandb_api_key() else "offline")
+    return (
+        os.environ.get("WANDB_MODE") or saved_wandb_mode() or ("online" if has_wandb_api_key() else "offline")
+    )
+
+
+def saved_wandb_mode() -> str | None:
+    """The mode `wandb offline`, `wandb online` or `wandb disabled` saved (in ./wandb/settings or the
+    user's W&B config), read the way W&B reads it."""
+    from wandb.sdk import wandb_setup
+
+    return wandb_setup.singleton().settings.read_system_settings().all().get("mode") or None
 
 
 def wandb_loggers(trainer: L.Trainer) -> list[WandbLogger]:
@@ -56,7 +69,14 @@ def wandb_logger(
     tags: list[str] | None = None,
     mode: str = "auto",
     log_checkpoints: bool = True,
+    verbose: bool = False,
 ) -> WandbLogger:
+    """`verbose` shows W&B's own console lines (its banner, artifact uploads, the end-of-run history): the
+    W&B run has all of it, and the run's summary names the run. A user's own WANDB_QUIET or
+    WANDB_SHOW_INFO wins."""
+    if not verbose:  # read when W&B loads its settings, which resolving the mode below does
+        os.environ.setdefault("WANDB_QUIET", "true")
+        os.environ.setdefault("WANDB_SHOW_INFO", "false")
     if group and name:
         name = f"{name}-{Path(run_dir).name}"  # a sweep's trials: dcgan-0, dcgan-1, ...
     pointer = Path(run_dir) / RUN_POINTER
@@ -74,6 +94,8 @@ def wandb_logger(
         mode=mode,
         log_model=log_checkpoints,
     )
+    # Lightning passes `anonymous=None`, which W&B warns about on every run; None is W&B's default anyway.
+    logger._wandb_init.pop("anonymous", None)
     _write_pointer(
         pointer,
         {
@@ -93,10 +115,14 @@ def _write_pointer(pointer: Path, data: dict) -> None:
     pointer.write_text(json.dumps(data, indent=2) + "\n")
 
 
+def wandb_run_url() -> str | None:
+    """The page of the active W&B run when it is online (an offline run has none until it is synced)."""
+    run = sys.modules["wandb"].run if "wandb" in sys.modules else None
+    return run.url if run is not None and not run.offline else None
+
+
 def finish_wandb() -> None:
     """Close the active W&B run, so the next job of a multirun gets its own run."""
-    import sys
-
     if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
         sys.modules["wandb"].finish()
 

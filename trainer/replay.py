@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from omegaconf import OmegaConf
 
 from trainer.callbacks.gradients import layer_name, layer_owners, params_by_layer, per_layer_norms
 from trainer.callbacks.rng import restore_rng
+from trainer.console import setup_logging
 from trainer.divergence.bundle import load_bundle
 from trainer.divergence.picture import draw_event
 from trainer.errors import UserError
@@ -157,7 +159,9 @@ def replay(
             default_root_dir=scratch,
         )
         batches = torch.utils.data.DataLoader([bundle["batch"]], batch_size=None)
-        trainer.fit(module, train_dataloaders=batches)
+        with warnings.catch_warnings():  # the replay trains on one batch and validates nothing, on purpose
+            warnings.filterwarnings("ignore", message="You defined a `validation_step` but have no")
+            trainer.fit(module, train_dataloaders=batches)
     detection = bundle["detection"]
     if detection["detector"] == "nonfinite":
         reproduced = probe.nonfinite()
@@ -215,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clip", type=float, help="re-run with gradients clipped to this global norm")
     parser.add_argument("--precision", default="32-true", help="re-run in this precision (e.g. bf16-mixed)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or gpu")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show every library's messages")
     args = parser.parse_args(argv)
+    setup_logging(None, verbose=args.verbose)
     fix = "".join(f" with {k}={v}" for k, v in (("lr", args.lr), ("clip", args.clip)) if v is not None)
     if args.precision != "32-true":
         fix += f" in {args.precision}"

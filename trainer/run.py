@@ -4,7 +4,9 @@ Every launcher ends up here, on every rank: `local` calls it directly, Ray calls
 SLURM inside each task.
 """
 
+import logging
 import subprocess
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,17 +16,24 @@ import torch
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.model_summary import get_human_readable_count
 from omegaconf import DictConfig, OmegaConf
 
 from trainer.callbacks.best_checkpoint import BestCheckpoint
 from trainer.callbacks.metrics import MetricsFile
+from trainer.callbacks.preemption import Preemption
+from trainer.callbacks.progress import ProgressBar
 from trainer.callbacks.rng import RNGState
 from trainer.checkpoint import SafeCheckpointIO, resume_checkpoint
 from trainer.config import build
+from trainer.console import setup_logging
 from trainer.divergence.guard import divergence_callbacks
 from trainer.divergence.lr_find import LRRangeTest, lr_find_config
-from trainer.errors import UserError
-from trainer.loggers import finish_wandb
+from trainer.errors import DivergenceHalt, UserError
+from trainer.loggers import finish_wandb, wandb_run_url
+from trainer.summary import RunEnd, write_summary
+
+log = logging.getLogger(__name__)
 
 
 def train(
@@ -39,7 +48,9 @@ def train(
 
     Launchers pass what their cluster needs: a `strategy` and environment `plugins` that replace the
     config's, a `ckpt_path` that wins over the run dir's own last checkpoint, and a `prepare` step."""
+    started = time.monotonic()
     run_dir = Path(cfg.run_dir)
+    setup_logging(run_dir, verbose=bool(cfg.get("verbose")), rank=rank_zero_only.rank)
     if cfg.mode == "tune":
         raise UserError("mode=tune is a Ray Tune sweep and runs on Ray: use launcher=ray or launcher=slurm")
     if cfg.mode not in ("train", "lr_find"):
@@ -59,15 +70,46 @@ def train(
     if pl_trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
-        if ckpt_path:
-            print(f"trainer: resuming from {ckpt_path}")
+    log.info(f"run dir {run_dir}; model: {describe_model(module)}")
+    if ckpt_path:
+        log.info(f"resuming from {ckpt_path}")
     for logger in pl_trainer.loggers:
         logger.log_hyperparams({**resolved, "git": git_state()})
+    end = RunEnd("failed", 0.0, 0, 0)
     try:
         pl_trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        preempted = any(isinstance(cb, Preemption) and cb.stopped for cb in pl_trainer.callbacks)
+        end.outcome = "preempted" if preempted else "finished"
+    except DivergenceHalt:
+        end.outcome = "stopped by the divergence guard"  # its events and bundle are in the summary
+        raise
+    except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into SystemExit after saving
+        end.outcome = "interrupted"
+        raise
+    except BaseException as e:
+        end.detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise
     finally:
+        end.seconds, end.steps = time.monotonic() - started, pl_trainer.global_step
+        end.epochs, end.wandb_url = pl_trainer.current_epoch, wandb_run_url()
         finish_wandb()
+        if pl_trainer.is_global_zero:
+            try:
+                write_summary(run_dir, end, cfg.monitor.metric)
+            except Exception:  # the summary must never hide how the run ended
+                log.exception("could not write summary.txt")
     return metrics_file.metrics
+
+
+def describe_model(module: torch.nn.Module) -> str:
+    """`generator 369 K, discriminator 166 K parameters`: trainable ones, per part (`verbose=true` adds
+    Lightning's full table)."""
+    parts = [
+        (name, sum(p.numel() for p in part.parameters() if p.requires_grad))
+        for name, part in module.named_children()
+    ]
+    counted = [f"{name} {get_human_readable_count(n)}" for name, n in parts if n]
+    return f"{', '.join(counted) or 'no trainable'} parameters"
 
 
 def build_task(cfg: DictConfig) -> tuple[L.LightningDataModule | None, L.LightningModule]:
@@ -99,6 +141,8 @@ def build_trainer(
         if _is_buildable(node)
     ]
     metrics_file = MetricsFile(run_dir / "metrics.json")
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(ProgressBar())
     if cfg.monitor.metric:
         metrics_file.modes[cfg.monitor.metric] = cfg.monitor.mode
         callbacks.append(BestCheckpoint(run_dir, cfg.monitor.metric, cfg.monitor.mode))

@@ -1,12 +1,15 @@
 """<run dir>/checkpoints/best-*.ckpt: the checkpoint with the best `monitor.metric` so far.
 
 Lightning's ModelCheckpoint, plus a check at the first validation that the metric exists at all, so a
-misspelt `monitor.metric` ends the run with one line that lists the metrics the task does log.
+misspelt `monitor.metric` ends the run with one line that lists the metrics the task does log; and a NaN
+or infinite value is never "best" (Lightning keeps the first checkpoint whatever its score, so a run that
+diverged before its first validation would call its broken weights the best).
 """
 
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from trainer.errors import UserError
@@ -33,3 +36,8 @@ class BestCheckpoint(ModelCheckpoint):
                 "set monitor.metric to one of those"
             )
         super().on_validation_end(trainer, pl_module)
+
+    def check_monitor_top_k(self, trainer: L.Trainer, current: torch.Tensor | None = None) -> bool:
+        if current is not None and not torch.isfinite(current):
+            return False
+        return super().check_monitor_top_k(trainer, current)

@@ -8,6 +8,7 @@ before anyone saves. Lightning's own SLURM requeue is switched off where this ru
 two never handle the same signal.
 """
 
+import logging
 import os
 import signal
 import subprocess
@@ -16,9 +17,10 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 
 from trainer.callbacks.last_checkpoint import LastCheckpoint
+
+log = logging.getLogger(__name__)
 
 
 class Preemption(L.Callback):
@@ -26,6 +28,7 @@ class Preemption(L.Callback):
         self.signum = signal.Signals[signal_name]
         self.requeue = requeue
         self.requested = False
+        self.stopped = False  # this callback ended the run (the run summary says "preempted")
         self.listening = False  # outside SLURM no signal is awaited, and batches cost nothing
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -50,8 +53,6 @@ class Preemption(L.Callback):
                 callback.save(trainer)
         job = os.environ.get("SLURM_JOB_ID")
         if self.requeue and job and trainer.is_global_zero:
-            rank_zero_info(
-                f"trainer: {self.signum.name} received, last.ckpt saved, requeueing SLURM job {job}"
-            )
+            log.info(f"{self.signum.name} received, last.ckpt saved, requeueing SLURM job {job}")
             subprocess.run(["scontrol", "requeue", job], check=False, timeout=60)
-        trainer.should_stop = True
+        trainer.should_stop = self.stopped = True

@@ -7,6 +7,7 @@
 """
 
 import copy
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,9 +15,10 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 
 from trainer.tasks.base import step_report
+
+log = logging.getLogger(__name__)
 
 
 class InitialLossCheck(L.Callback):
@@ -40,7 +42,7 @@ class InitialLossCheck(L.Callback):
                 {"checks/initial_loss": self.first_loss, "checks/log_num_classes": self.expected}, 0
             )
         if off_by > self.tolerance:
-            rank_zero_warn(
+            log.warning(
                 f"initial loss {self.first_loss:.3f} is {off_by:.0%} away from log(num_classes) = "
                 f"{self.expected:.3f}: check the initialisation of the last layer and the loss"
             )

@@ -8,6 +8,7 @@ to the loggers and prints a suggestion: the rate where the smoothed loss falls f
 """
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ import numpy as np
 from omegaconf import DictConfig, open_dict
 
 from trainer.tasks.base import step_report
+
+log = logging.getLogger(__name__)
 
 
 def lr_find_config(cfg: DictConfig) -> DictConfig:
@@ -95,10 +98,10 @@ class LRRangeTest(L.Callback):
             logger.log_metrics({"lr_find/suggested_lr": suggested or float("nan")}, step=len(self.lrs))
             if hasattr(logger, "log_image"):
                 logger.log_image("lr_find", [str(plot)])
-        print(
-            f"trainer: lr_find suggests lr={suggested:.3g} (loss against lr: {plot})"
+        log.info(
+            f"lr_find suggests lr={suggested:.3g} (loss against lr: {plot})"
             if suggested
-            else "trainer: lr_find found no falling stretch of the loss; widen lr_find.min_lr/max_lr"
+            else "lr_find found no falling stretch of the loss; widen lr_find.min_lr/max_lr"
         )
 
     def _plot(self, path: Path, suggested: float | None) -> Path:

@@ -9,6 +9,7 @@ run dir, checks it with `sbatch --test-only`, submits it, and prints the job id 
 Settings live under the top-level `slurm:` node (conf/launcher/slurm.yaml).
 """
 
+import logging
 import re
 import shlex
 import shutil
@@ -23,6 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from trainer.config import check_arguments
 from trainer.errors import UserError
+
+log = logging.getLogger(__name__)
 
 # Overrides that describe where the job runs, not what it trains: replaced in the job's own command.
 WHERE = re.compile(r"^[+~]*(launcher|slurm|hydra\.run\.dir|hydra/launcher)([.=/]|$)")
@@ -77,11 +80,11 @@ class SlurmLauncher:
         path.write_text(script)
         if job.dry_run:
             print(script)
-            print(f"trainer: slurm.dry_run=true, script written to {path} (submit with: sbatch {path})")
+            log.info(f"slurm.dry_run=true, script written to {path} (submit with: sbatch {path})")
             return {}
         job_id = submit(path, test_first=job.test_only)
-        log = run_dir / "slurm" / f"job-{job_id}.log"
-        print(f"trainer: submitted job {job_id}; log: {log}; run dir: {run_dir}")
+        output = run_dir / "slurm" / f"job-{job_id}.log"
+        log.info(f"submitted job {job_id}; its output: {output}; run dir: {run_dir}")
         return {"job_id": job_id}
 
 

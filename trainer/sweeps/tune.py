@@ -15,6 +15,7 @@ ones continue from their last checkpoint.
 """
 
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,8 @@ from trainer.config import check_arguments
 from trainer.errors import UserError
 from trainer.sweeps import sweep_group
 from trainer.sweeps.summary import Trial, summarize, wandb_settings, write_trial
+
+log = logging.getLogger(__name__)
 
 
 class RayTrainLauncher(Protocol):
@@ -132,7 +135,7 @@ def tune_sweep(launcher: RayTrainLauncher, cfg: DictConfig) -> dict[str, Any]:
     state = sweep_dir / "tune"
     names = trial_names(state)
     if tune.Tuner.can_restore(state):
-        print(f"trainer: resuming the sweep in {state}")
+        log.info(f"resuming the sweep in {state}")
         tuner = tune.Tuner.restore(str(state), trainable, resume_unfinished=True, resume_errored=True)
     else:
         tuner = tune.Tuner(
@@ -161,7 +164,7 @@ def tune_sweep(launcher: RayTrainLauncher, cfg: DictConfig) -> dict[str, Any]:
     ]
     best = summarize(sweep_dir, trials, cfg.monitor.metric, cfg.monitor.mode, wandb_settings(cfg), group)
     if not finished:
-        print("trainer: the sweep was interrupted; run the same command again to resume it")
+        log.warning("the sweep was interrupted; run the same command again to resume it")
         raise KeyboardInterrupt
     return {} if best is None else _read_metrics(Path(best.run_dir))
 

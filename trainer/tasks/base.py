@@ -123,6 +123,11 @@ class Task(L.LightningModule):
     def report_validation(self, report: ValidationReport) -> None:
         self.validation_report = report
 
+    def progress(self) -> tuple[int, int, str] | None:
+        """(done, total, unit) when a run is not measured in epochs of batches (RL: env steps); the
+        progress bar shows it instead."""
+        return None
+
     @property
     def fused_optimizer(self) -> bool:
         """Whether Adam/AdamW can run as one fused kernel over all parameters here (CPU and CUDA): a third of

@@ -6,6 +6,8 @@ images, which makes "best checkpoint" mean something, and the diversity of the s
 collapse.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -116,7 +118,10 @@ def sample_diversity(real: torch.Tensor, fake: torch.Tensor) -> float:
 
 
 def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """||mu_x - mu_y||^2 + Tr(Sx + Sy - 2 (Sx Sy)^1/2) between Gaussians fitted to two feature sets (rows)."""
+    """||mu_x - mu_y||^2 + Tr(Sx + Sy - 2 (Sx Sy)^1/2) between Gaussians fitted to two feature sets (rows);
+    NaN when a feature is not finite (a diverged generator's samples), as the metric is undefined there."""
+    if not (x.isfinite().all() and y.isfinite().all()):
+        return torch.tensor(math.nan, dtype=x.dtype)
     mu_x, mu_y = x.mean(0), y.mean(0)
     cov_x, cov_y = torch.cov(x.T), torch.cov(y.T)
     # Tr((Sx Sy)^1/2) = sum of sqrt of the eigenvalues of Sx^1/2 Sy Sx^1/2, which is symmetric PSD.

@@ -85,6 +85,9 @@ class RLTask(Task):
         """Environment steps taken so far by all ranks together."""
         return self.envs.env_steps if self.envs is not None else 0
 
+    def progress(self) -> tuple[int, int, str]:
+        return self.env_steps, self.total_env_steps, "env steps"
+
     def on_train_start(self) -> None:
         # After a resume too: the environments' state is not in a checkpoint, so every run starts new
         # episodes.
