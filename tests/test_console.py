@@ -111,6 +111,19 @@ def test_help_fits_one_screen_and_shows_a_composed_config_only_for_an_exp(tmp_pa
     assert run("--version").strip() == f"trainer {__import__('trainer').__version__}"
 
 
+def test_tab_completion_offers_group_options(tmp_path: Path):
+    """What the README's `eval "$(trainer -sc install=bash)"` asks for at each <TAB>."""
+    env = {**cli_env(tmp_path), "COMP_LINE": "trainer +exp=dcgan launcher="}
+    done = subprocess.run(
+        [sys.executable, "-m", "trainer", "-sc", "query=bash"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.stdout.split() == ["launcher=local", "launcher=ray", "launcher=slurm"], done.stderr
+
+
 def test_docs_come_from_the_installed_package_and_find_sections():
     assert docs().startswith("# trainer")
     resuming = docs("resuming")

@@ -83,6 +83,32 @@ def test_dry_run_of_two_nodes_writes_a_script_that_starts_a_ray_cluster(tmp_path
     assert "launcher=slurm" not in command and "slurm." not in command  # the job trains, it does not resubmit
     assert subprocess.run(["bash", "-n", str(run_dir / "slurm" / "job.sbatch")]).returncode == 0
     assert "ray start --head" in result.stdout  # the script is printed too
+    assert_ports_never_collide(script)
+
+
+def assert_ports_never_collide(script: str) -> None:
+    """For every job id: the ports the script gives its Ray cluster stay out of its worker port range, and
+    so do Ray's fixed defaults (job 80 once failed: the dashboard agent's 52365 lay in its worker range)."""
+    ports = [
+        line for line in script.splitlines() if line.startswith(("port=", "worker_ports=", "agent_port="))
+    ]
+    dashboard = re.search(r"--dashboard-port=(\$\(\(.*?\)\))", script)[1]
+    probe = "\n".join(
+        [
+            "for SLURM_JOB_ID in $(seq 0 999); do",
+            *ports,
+            f'echo "$port {dashboard} ${{agent_port#*=}} ${{worker_ports//[^0-9 ]/}}"',
+            "done",
+        ]
+    )
+    lines = subprocess.run(
+        ["bash", "-c", probe], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    assert len(lines) == 1000
+    for line in lines:
+        gcs, dash, agent, low, high = map(int, line.split())
+        for fixed in (gcs, dash, agent, 10001, 52365, 6379, 8265):
+            assert not low <= fixed <= high, line
 
 
 def test_one_node_script_carries_the_allocation(tmp_path: Path, home: Path) -> None:
@@ -184,7 +210,10 @@ def test_a_signalled_job_saves_requeues_and_finishes_all_its_steps(slurm, tmp_pa
     assert wait_for_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, 300) == "COMPLETED"
     assert job_field(job, "Restarts") == "1"
     log = (run_dir / "slurm" / f"job-{job}.log").read_text()
-    assert "SIGUSR1 received, last.ckpt saved, requeueing SLURM job" in log and "resuming from" in log
+    assert "SIGUSR1 received, last.ckpt saved" in log and "Traceback" not in log
+    # The first attempt closes (summary "preempted") before it requeues; the second resumes and finishes.
+    order = ["── run preempted in", f"requeueing SLURM job {job}", "resuming from", "── run finished in"]
+    assert [log.index(line) for line in order] == sorted(log.index(line) for line in order), log[-3000:]
     assert last_step(run_dir) == 8 * 6 * 2  # every step, once
     runs = [read_run(p, strict=False) for p in find_runs(run_dir / "wandb")]
     assert len(runs) == 2 and len({r.run_id for r in runs}) == 1  # the requeued job continued the W&B run

@@ -36,7 +36,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     """One run; in a multirun (`-m`), one trial, which returns the best value of `monitor.metric` to the
     sweeper. The run's summary (written by its rank zero) is shown last, then the error if any."""
     from trainer.config import build, check_config
-    from trainer.errors import DivergenceHalt
+    from trainer.errors import DivergenceHalt, Preempted
     from trainer.sweeps import sweep_group
 
     started = time.time()
@@ -44,10 +44,12 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     if in_sweep and not cfg.group:
         cfg.group = sweep_group(cfg.name, HydraConfig.get().sweep.dir)
-    error, halted = None, False
+    error, halted, preempted = None, False, None
     try:
         check_config(cfg)  # all of it, before anything runs, is submitted or starts a cluster
         metrics = build(cfg.launcher, "launcher").launch(cfg)
+    except Preempted as e:
+        preempted = e
     except DivergenceHalt as e:
         error, halted = one_line(e), True
     except UserError as e:
@@ -57,6 +59,12 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         error = f"config key {key}: {one_line(e)}" if key else one_line(e)
     finally:
         show_summary(Path(cfg.run_dir), since=started)
+    if preempted is not None:
+        if preempted.requeue:
+            from trainer.callbacks.preemption import requeue_slurm_job
+
+            requeue_slurm_job()  # last: SLURM ends the job here
+        return math.nan if in_sweep else None
     if halted and in_sweep:
         log.error(error)
         return math.nan  # a diverged trial is a result: Optuna records it as failed and the sweep goes on

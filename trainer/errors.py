@@ -7,3 +7,13 @@ class UserError(Exception):
 
 class DivergenceHalt(UserError):
     """Training stopped on purpose by the divergence guard; the message names the bundle to replay."""
+
+
+class Preempted(Exception):
+    """Training stopped on SLURM's warning signal with last.ckpt saved. The CLI requeues the job (when
+    `requeue` is set) only after the run has closed its W&B run and written its summary, because SLURM ends
+    a job the moment it is requeued."""
+
+    def __init__(self, requeue: bool):
+        super().__init__("preempted")
+        self.requeue = requeue

@@ -29,7 +29,7 @@ from trainer.config import build
 from trainer.console import setup_logging
 from trainer.divergence.guard import divergence_callbacks
 from trainer.divergence.lr_find import LRRangeTest, lr_find_config
-from trainer.errors import DivergenceHalt, UserError
+from trainer.errors import DivergenceHalt, Preempted, UserError
 from trainer.loggers import finish_wandb, wandb_run_url
 from trainer.summary import RunEnd, write_summary
 
@@ -76,9 +76,12 @@ def train(
     for logger in pl_trainer.loggers:
         logger.log_hyperparams({**resolved, "git": git_state()})
     end = RunEnd("failed", 0.0, 0, 0)
+    preempted: Preemption | None = None
     try:
         pl_trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-        preempted = any(isinstance(cb, Preemption) and cb.stopped for cb in pl_trainer.callbacks)
+        preempted = next(
+            (cb for cb in pl_trainer.callbacks if isinstance(cb, Preemption) and cb.stopped), None
+        )
         end.outcome = "preempted" if preempted else "finished"
     except DivergenceHalt:
         end.outcome = "stopped by the divergence guard"  # its events and bundle are in the summary
@@ -98,6 +101,8 @@ def train(
                 write_summary(run_dir, end, cfg.monitor.metric)
             except Exception:  # the summary must never hide how the run ended
                 log.exception("could not write summary.txt")
+    if preempted is not None:
+        raise Preempted(requeue=preempted.requeue)
     return metrics_file.metrics
 
 

@@ -1,8 +1,9 @@
-"""Preemption and time limits on SLURM: save, requeue, stop, and let the requeued job resume.
+"""Preemption and time limits on SLURM: save, stop, requeue, and let the requeued job resume.
 
-SLURM warns a job with a signal some time before its time limit or a preemption (our templates ask for
-SIGUSR1 `slurm.signal_seconds` ahead). On it, training finishes the current batch, writes last.ckpt on every
-rank's behalf, runs `scontrol requeue` once, and stops. The requeued job runs the same command in the same
+SLURM warns a job with a signal some time before its time limit or a preemption (our templates ask for SIGUSR1
+`slurm.signal_seconds` ahead). On it, training finishes the current batch, writes last.ckpt on every rank's
+behalf and stops; once the run has closed (W&B run finished, summary written), the CLI runs `scontrol requeue`
+once (requeueing ends the job at once, so it comes last). The requeued job runs the same command in the same
 run dir, so it resumes from that checkpoint into the same W&B run. Under DDP the ranks agree on the stop
 before anyone saves. Lightning's own SLURM requeue is switched off where this runs (trainer/run.py), so the
 two never handle the same signal.
@@ -13,6 +14,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from typing import Any
 
 import lightning as L
@@ -21,6 +23,7 @@ import torch
 from trainer.callbacks.last_checkpoint import LastCheckpoint
 
 log = logging.getLogger(__name__)
+REQUEUE_WAIT_S = 120
 
 
 class Preemption(L.Callback):
@@ -51,8 +54,23 @@ class Preemption(L.Callback):
         for callback in trainer.callbacks:
             if isinstance(callback, LastCheckpoint):
                 callback.save(trainer)
-        job = os.environ.get("SLURM_JOB_ID")
-        if self.requeue and job and trainer.is_global_zero:
-            log.info(f"{self.signum.name} received, last.ckpt saved, requeueing SLURM job {job}")
-            subprocess.run(["scontrol", "requeue", job], check=False, timeout=60)
+        then = "the job is requeued when the run has closed" if self.requeue else "stopping"
+        log.info(f"{self.signum.name} received, last.ckpt saved; {then}")
         trainer.should_stop = self.stopped = True
+
+
+def requeue_slurm_job() -> None:
+    """Requeue this SLURM job (once, from rank zero): the requeued job runs the same command, which resumes
+    from last.ckpt. SLURM ends this job as soon as it is requeued."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job or int(os.environ.get("SLURM_PROCID", "0")) != 0:
+        return
+    log.info(f"requeueing SLURM job {job}")
+    done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        log.warning(
+            f"scontrol requeue {job} failed ({done.stderr.strip()}): resubmit the same command to resume"
+        )
+        return
+    # Wait for SLURM to end the job: exiting first could let the job complete before the requeue lands.
+    time.sleep(REQUEUE_WAIT_S)
