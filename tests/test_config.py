@@ -27,6 +27,14 @@ def test_every_exp_composes_and_resolves(exp: str, tmp_path: Path) -> None:
     assert (cfg.env._target_ and cfg.get("data") is None) if exp in ("ppo", "dqn") else cfg.data._target_
 
 
+@pytest.mark.parametrize("preset", ["gpu", "ddp", "ddp_cpu", "cpu"])
+@pytest.mark.parametrize("exp", options("exp"))
+def test_every_exp_passes_the_config_check_under_every_trainer_preset(exp: str, preset: str, tmp_path: Path):
+    """The presets set keys across groups (trainer=gpu: data.pin_memory, data.num_workers): each must be a
+    parameter of every exp's data module. `+exp=detector trainer=gpu` once failed on data.pin_memory."""
+    check_config(compose_config(f"+exp={exp}", f"trainer={preset}", run_dir=tmp_path))
+
+
 @pytest.mark.parametrize(
     "group,option",
     [

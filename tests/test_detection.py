@@ -47,6 +47,41 @@ def test_nms_keeps_the_best_of_each_overlapping_group_per_class():
     assert batched_nms(boxes[:0], scores[:0], labels[:0], 0.5).numel() == 0
 
 
+def greedy_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> list[int]:
+    """The textbook loop: take the best remaining box, drop what it covers, repeat."""
+    remaining = scores.argsort(descending=True).tolist()
+    kept = []
+    while remaining:
+        best, *remaining = remaining
+        kept.append(best)
+        remaining = [
+            i for i in remaining if box_iou(boxes[best : best + 1], boxes[i : i + 1]).item() <= iou_threshold
+        ]
+    return kept
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_nms_keeps_exactly_what_the_greedy_loop_keeps(seed: int):
+    """Clustered boxes, so suppressions chain (a covers b, b would cover c): the case a one-pass matrix NMS
+    gets wrong."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.rand(8, 2, generator=g) * 100
+    xy = centres[torch.randint(0, 8, (300,), generator=g)] + torch.randn(300, 2, generator=g) * 4
+    wh = 5 + torch.rand(300, 2, generator=g) * 20
+    boxes, scores = torch.cat([xy, xy + wh], 1), torch.rand(300, generator=g)
+    labels = torch.randint(0, 3, (300,), generator=g)
+    for threshold in (0.3, 0.5, 0.7):
+        assert nms(boxes, scores, threshold).tolist() == greedy_nms(boxes, scores, threshold)
+        expected = sorted(
+            i
+            for c in range(3)
+            for i in torch.where(labels == c)[0][
+                greedy_nms(boxes[labels == c], scores[labels == c], threshold)
+            ].tolist()
+        )
+        assert sorted(batched_nms(boxes, scores, labels, threshold).tolist()) == expected
+
+
 def test_focal_loss_by_hand():
     logits, targets = torch.tensor([0.0, 2.0]), torch.tensor([1.0, 0.0])
     # p = 0.5 for a positive: 0.25 * 0.5^2 * ln 2; p = sigmoid(2) for a negative: 0.75 * p^2 * -ln(1 - p)

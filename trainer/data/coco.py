@@ -180,6 +180,7 @@ class CocoDataModule(L.LightningDataModule):
         jitter: float = 0.0,
         batch_size: Positive = 16,
         num_workers: NonNegative = 0,
+        pin_memory: bool = False,
         seed: int = 0,
     ):
         super().__init__()
@@ -192,6 +193,7 @@ class CocoDataModule(L.LightningDataModule):
         self.paths, self.canvases, self.cache_dir = paths, dict(canvases or {}), Path(cache_dir)
         self.sizes, self.hflip, self.jitter = tuple(sizes), hflip, jitter  # training only
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.pin_memory = pin_memory
         self.train_set: CocoDetection | None = None
         self.val_set: CocoDetection | None = None
 
@@ -233,11 +235,16 @@ class CocoDataModule(L.LightningDataModule):
             drop_last=True,
             num_workers=self.num_workers,
             collate_fn=collate,
+            pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
         )
 
     def val_dataloader(self) -> DataLoader:
         """Each rank's share of the images; the targets carry the image ids that results are keyed by."""
         return evaluation_loader(
-            self.val_set, self.batch_size, num_workers=self.num_workers, collate_fn=collate
+            self.val_set,
+            self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            collate_fn=collate,
         )

@@ -226,6 +226,7 @@ class SquadDataModule(L.LightningDataModule):
         facts: dict[str, int] | None = None,
         cache_dir: str = "~/.cache/trainer",
         num_workers: NonNegative = 0,
+        pin_memory: bool = False,
         seed: int = 0,
     ):
         super().__init__()
@@ -243,6 +244,7 @@ class SquadDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.facts = dict(facts or {"train_paragraphs": 500, "val_paragraphs": 40, "seed": 0})
         self.cache_dir, self.num_workers, self.seed = Path(cache_dir).expanduser(), num_workers, seed
+        self.pin_memory = pin_memory
         self.train_set: FeatureSet | None = None
         self.val_set: ValidationSet | None = None
 
@@ -282,6 +284,7 @@ class SquadDataModule(L.LightningDataModule):
             drop_last=True,
             collate_fn=PadToLongest(self.pad_token_id),
             num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
         )
 
@@ -296,6 +299,7 @@ class SquadDataModule(L.LightningDataModule):
             by_length,
             collate_fn=PadToLongest(self.pad_token_id),
             num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
         )
 
 

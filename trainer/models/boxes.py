@@ -1,7 +1,11 @@
-"""Box operations for the detector, in plain torch (torchvision's cannot load next to CPU torch here).
+"""Box operations for the detector, in plain torch (torchvision's cannot load next to CPU torch here; NMS uses
+torchvision's kernel where it does load).
 
 Boxes are (x1, y1, x2, y2) in pixels, as in torchvision's detection contract.
 """
+
+import functools
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -36,26 +40,46 @@ def generalized_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
-    """Indices of the boxes kept by greedy non-maximum suppression, highest score first."""
+    """Indices of the boxes kept by greedy non-maximum suppression, highest score first.
+
+    Greedy NMS keeps a box unless a higher-scoring kept box overlaps it by more than the threshold. That
+    rule is triangular (each box depends only on higher-scoring ones), so iterating it from "keep all"
+    fixes one more box per round and reaches the greedy answer in as many rounds as the longest chain of
+    suppressions: a few whole-tensor rounds with one host read each, instead of one read per box."""
     order = scores.argsort(descending=True)
     iou = box_iou(boxes[order], boxes[order])
-    # A box survives unless a higher-scoring survivor overlaps it by more than the threshold.
+    overlaps = (iou > iou_threshold).triu(diagonal=1)  # [i, j]: i scores higher and covers j
     keep = torch.ones(len(order), dtype=torch.bool, device=boxes.device)
-    for i in range(len(order)):
-        if keep[i]:
-            keep[i + 1 :] &= iou[i, i + 1 :] <= iou_threshold
-    return order[keep]
+    while True:
+        updated = ~(overlaps & keep[:, None]).any(0)
+        if torch.equal(updated, keep):
+            return order[keep]
+        keep = updated
 
 
 def batched_nms(
     boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou_threshold: float
 ) -> torch.Tensor:
-    """NMS within each label: boxes of different classes never suppress each other (they are shifted apart
-    by more than any box's extent)."""
+    """NMS within each label: boxes of different classes never suppress each other. torchvision's kernel
+    where torchvision imports (GPU clusters), else the same rule in plain torch (boxes of each class
+    shifted apart by more than any box's extent)."""
     if len(boxes) == 0:
         return torch.empty(0, dtype=torch.long, device=boxes.device)
+    if (ops := _torchvision_ops()) is not None:
+        return ops.batched_nms(boxes.float(), scores.float(), labels, iou_threshold)
     offsets = labels.to(boxes) * (boxes.max() + 1)
     return nms(boxes + offsets[:, None], scores, iou_threshold)
+
+
+@functools.cache
+def _torchvision_ops() -> ModuleType | None:
+    """torchvision.ops when torchvision loads next to this torch; None on CPU machines where its wheel is
+    built for another torch and fails to import (see the README's Install section)."""
+    try:
+        from torchvision import ops
+    except Exception:  # ImportError, or RuntimeError: "operator torchvision::nms does not exist"
+        return None
+    return ops
 
 
 def sigmoid_focal_loss(
