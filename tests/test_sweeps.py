@@ -269,7 +269,7 @@ def test_an_interrupted_tune_sweep_resumes_where_it_stopped(tmp_path: Path, home
 
     second = subprocess.run(args, cwd=REPO, env=cli_env(home), capture_output=True, text=True, timeout=400)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert "resuming the sweep" in second.stdout
+    assert "resuming the sweep" in second.stdout + second.stderr
     assert "trainer: resuming from" in second.stdout + second.stderr  # trial 1 from its last checkpoint
     assert sorted(p.name for p in run_dir.glob("trial-*")) == ["trial-00000", "trial-00001", "trial-00002"]
     assert (run_dir / "trial-00000" / "checkpoints" / "last.ckpt").stat().st_mtime_ns == done_before  # kept
