@@ -20,6 +20,11 @@ REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+# Tests run two at a time (pytest-xdist): each worker keeps its own cache of the data sets the project
+# writes (digit canvases, QA facts), so two never write the same files at once.
+if worker := os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["XDG_CACHE_HOME"] = f"/tmp/trainer-test-cache-{worker}"
+
 # A DCGAN small enough that an end-to-end run takes seconds on 2 CPU cores.
 TINY_DCGAN = [
     "+exp=dcgan",
