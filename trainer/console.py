@@ -86,11 +86,6 @@ def env_rank() -> int:
     return 0
 
 
-def set_rank(rank: int) -> None:
-    global _rank
-    _rank = rank
-
-
 def _by_rank(record: logging.LogRecord) -> bool:
     record.rank = _rank
     return _rank == 0 or record.levelno >= logging.WARNING

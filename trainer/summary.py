@@ -9,17 +9,18 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from trainer.files import write_text_atomic
 
 SUMMARY_FILE = "summary.txt"
-OUTCOMES = ("finished", "stopped by the divergence guard", "preempted", "interrupted", "failed")
+Outcome = Literal["finished", "stopped by the divergence guard", "preempted", "interrupted", "failed"]
 MAX_LOSSES = 6  # more than this many loss terms would bury the monitored metric
 
 
 @dataclass
 class RunEnd:
-    outcome: str  # one of OUTCOMES
+    outcome: Outcome
     seconds: float
     steps: int  # optimizer steps (a GAN's two optimizers make two per batch)
     epochs: int
