@@ -121,15 +121,17 @@ def config_roots(args: list[str]) -> list[Path] | None:
 
 def unknown_choice(args: list[str], roots: list[Path]) -> str | None:
     """A `group=option` whose option does not exist, said in one line with the available ones."""
+    from trainer.cli_help import config_groups
+
+    groups = config_groups(roots)
     for arg in args:
         match = re.fullmatch(r"\+{0,2}(\w+)=([\w.-]+)", arg)
-        if not match or match[1] == "hydra" or not any((root / match[1]).is_dir() for root in roots):
+        if not match or match[1] not in groups:
             continue
         group, choice = match.groups()
-        if choice != "null" and not any((root / group / f"{choice}.yaml").is_file() for root in roots):
-            available = ", ".join(sorted({p.stem for root in roots for p in (root / group).glob("*.yaml")}))
+        if choice != "null" and choice not in groups[group]:
             usage = f"+{group}=NAME" if group == "exp" else f"{group}=NAME"
-            return f"{group}={choice} is not an option; choose {usage} from: {available}"
+            return f"{group}={choice} is not an option; choose {usage} from: {', '.join(groups[group])}"
     return None
 
 
