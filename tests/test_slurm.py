@@ -1,10 +1,14 @@
 """launcher=slurm: scripts rendered from the config, and jobs run on a real one-node SLURM cluster
 (Debian's slurm-wlm and munge, started by scripts/slurm_local.sh)."""
 
+import contextlib
 import json
 import re
+import socket
 import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -174,24 +178,68 @@ def test_a_config_that_contradicts_the_allocation_is_refused(
     assert not (tmp_path / "slurm").exists()
 
 
+def raylets(gcs_port: int) -> list[int]:
+    """Live raylet processes of the Ray cluster whose GCS listens on `gcs_port` (read from /proc)."""
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+            zombie = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+            if (
+                args[0].endswith(b"/raylet")
+                and not zombie
+                and any(a.startswith(b"--gcs-address=") and a.endswith(b":%d" % gcs_port) for a in args)
+            ):
+                pids.append(int(proc.name))
+    return pids
+
+
+@contextlib.contextmanager
+def another_ray_cluster() -> Iterator[int]:
+    """A Ray cluster of the same user on this node, as another job's would be; yields its GCS port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray = str(Path(sys.executable).parent / "ray")
+    proc = subprocess.Popen(
+        [ray, "start", "--head", "--block", f"--port={port}", "--num-cpus=0", "--include-dashboard=false"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not raylets(port):
+            assert time.monotonic() < deadline and proc.poll() is None, "the other Ray cluster did not start"
+            time.sleep(0.5)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
 def test_a_tiny_exp_runs_through_the_ray_template(slurm, tmp_path: Path, home: Path) -> None:
     run_dir = tmp_path / "run"
-    result = run_cli(
-        *TINY_DCGAN,
-        "++trainer.max_epochs=1",
-        "launcher=slurm",
-        "slurm.via_ray=true",
-        "slurm.ray_head_ip=127.0.0.1",
-        f"hydra.run.dir={run_dir}",
-        home=home,
-    )
-    job = submitted_job(result)
-    assert wait_for_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 300) == "COMPLETED", (
-        run_dir / "slurm" / f"job-{job}.log"
-    ).read_text()[-3000:]
-    assert last_step(run_dir) == 8
-    log = (run_dir / "slurm" / f"job-{job}.log").read_text()
-    assert "Ray head" in log and len(find_runs(run_dir / "wandb")) == 1
+    with another_ray_cluster() as other_port:
+        result = run_cli(
+            *TINY_DCGAN,
+            "++trainer.max_epochs=1",
+            "launcher=slurm",
+            "slurm.via_ray=true",
+            "slurm.ray_head_ip=127.0.0.1",
+            f"hydra.run.dir={run_dir}",
+            home=home,
+        )
+        job = submitted_job(result)
+        assert wait_for_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 300) == "COMPLETED", (
+            run_dir / "slurm" / f"job-{job}.log"
+        ).read_text()[-3000:]
+        assert last_step(run_dir) == 8
+        log = (run_dir / "slurm" / f"job-{job}.log").read_text()
+        assert "Ray head" in log and len(find_runs(run_dir / "wandb")) == 1
+        # The job stopped its own Ray cluster and no other (`ray stop` stops every one of the user's).
+        job_port = int(re.search(r"Ray head \S+ \([\d.]+:(\d+)\)", log)[1])
+        assert not raylets(job_port)
+        assert raylets(other_port), "the job's end stopped another Ray cluster on its node"
 
 
 def test_a_signalled_job_saves_requeues_and_finishes_all_its_steps(slurm, tmp_path: Path, home: Path) -> None:
