@@ -6,6 +6,9 @@ all-reduce, after unscaling in mixed precision, and per network for GANs (the ge
 holds generator parameters), once per optimizer and logging step (an RL step updates many times). On a
 logging step the norms are computed with fused `_foreach` kernels and collected on the device; one host
 sync at the end of the batch reads them all. Other steps cost one integer comparison.
+
+Under FSDP each rank holds a part of every parameter and of its gradient: every rank measures its parts and
+the sums of squares are added up over the ranks, so the numbers are the whole model's, as in a DDP run.
 """
 
 import math
@@ -15,6 +18,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from trainer.fsdp import clean_name, is_sharded, sum_over_shards
 from trainer.loggers import log_step, wandb_loggers
 
 
@@ -24,15 +28,21 @@ def layer_name(param_name: str) -> str:
 
 
 def params_by_layer(
-    optimizer: torch.optim.Optimizer, layer_of: dict[torch.nn.Parameter, str]
+    optimizer: torch.optim.Optimizer, layer_of: dict[torch.nn.Parameter, str], sharded: bool = False
 ) -> dict[str, list[torch.nn.Parameter]]:
-    """The optimizer's parameters that have a gradient, grouped by layer name."""
+    """The optimizer's parameters that have a gradient, grouped by layer name. Sharded, all of them: a rank
+    whose part of a parameter is empty has no gradient for it, and every rank must list the same ones."""
     layers: dict[str, list[torch.nn.Parameter]] = defaultdict(list)
     for group in optimizer.param_groups:
         for p in group["params"]:
-            if p.grad is not None:
+            if p.grad is not None or sharded:
                 layers[layer_of.get(p, "unnamed")].append(p)
     return layers
+
+
+def grads(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+    """The parameters' gradients; an empty tensor (norm 0) for a sharded parameter's missing part."""
+    return [p.grad.detach() if p.grad is not None else p.detach().new_zeros(0) for p in params]
 
 
 def layer_owners(layers: dict[str, list[torch.nn.Parameter]], device: torch.device) -> torch.Tensor:
@@ -41,12 +51,16 @@ def layer_owners(layers: dict[str, list[torch.nn.Parameter]], device: torch.devi
     return torch.repeat_interleave(torch.arange(len(layers)), sizes).to(device)
 
 
-def per_layer_norms(tensors: list[torch.Tensor], owners: torch.Tensor, num_layers: int) -> torch.Tensor:
+def per_layer_norms(
+    tensors: list[torch.Tensor], owners: torch.Tensor, num_layers: int, trainer: L.Trainer | None = None
+) -> torch.Tensor:
     """L2 norm per layer of tensors grouped by `owners` (layer index per tensor), plus the total at the
-    end."""
+    end. With a `trainer` whose model is sharded, of the whole model (a collective call)."""
     norms = torch.stack(torch._foreach_norm(tensors)).float()
-    per_layer = torch.zeros(num_layers, device=norms.device).index_add_(0, owners, norms.square()).sqrt()
-    return torch.cat([per_layer, per_layer.square().sum().sqrt().view(1)])
+    squares = torch.zeros(num_layers, device=norms.device).index_add_(0, owners, norms.square())
+    if trainer is not None:
+        squares = sum_over_shards(trainer, squares)
+    return torch.cat([squares.sqrt(), squares.sum().sqrt().view(1)])
 
 
 class GradientMonitor(L.Callback):
@@ -67,7 +81,7 @@ class GradientMonitor(L.Callback):
         self._measured: dict[int, int] = {}  # optimizer -> the step its gradients were last measured at
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._names = {p: layer_name(n) for n, p in pl_module.named_parameters()}
+        self._names = {p: layer_name(clean_name(n)) for n, p in pl_module.named_parameters()}
 
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
@@ -78,11 +92,11 @@ class GradientMonitor(L.Callback):
         if not (log_norms or log_hist) or not trainer.loggers or self._measured.get(id(optimizer)) == step:
             return
         self._measured[id(optimizer)] = step  # an RL step updates many times: its first update speaks for it
-        layers = params_by_layer(optimizer, self._names)
+        layers = params_by_layer(optimizer, self._names, sharded=is_sharded(trainer.strategy))
         if not layers:
             return
-        if log_hist and trainer.is_global_zero:
-            self._log_histograms(trainer, {name: [p.grad for p in ps] for name, ps in layers.items()}, step)
+        if log_hist:
+            self._log_histograms(trainer, {name: grads(ps) for name, ps in layers.items()}, step)
         if not log_norms:
             return
         names = list(layers)
@@ -91,12 +105,12 @@ class GradientMonitor(L.Callback):
         owners = layer_owners(layers, params[0].device)
         keys = [f"grad_norm/{_panel(n)}" for n in names] + [f"grad_norm/{network}/total"]
         keys += [f"param_norm/{_panel(n)}" for n in names] + [f"param_norm/{network}/total"]
-        grads = per_layer_norms([p.grad.detach() for p in params], owners, len(names))
-        weights = per_layer_norms([p.detach() for p in params], owners, len(names))
-        self._pending.append((keys, torch.cat([grads, weights])))
+        norms = per_layer_norms(grads(params), owners, len(names), trainer)
+        weights = per_layer_norms([p.detach() for p in params], owners, len(names), trainer)
+        self._pending.append((keys, torch.cat([norms, weights])))
         # The update is known after the step: keep the weights, and let the post-step hook finish.
         before = torch._foreach_mul([p.detach() for p in params], 1.0)
-        self._before_step[id(optimizer)] = (names, owners, params, before, weights)
+        self._before_step[id(optimizer)] = (trainer, names, owners, params, before, weights)
         if id(optimizer) not in self._hooked:
             optimizer.register_step_post_hook(self._after_step)
             self._hooked.add(id(optimizer))
@@ -105,10 +119,10 @@ class GradientMonitor(L.Callback):
         pending = self._before_step.pop(id(optimizer), None)
         if pending is None:
             return
-        names, owners, params, before, weights = pending
+        trainer, names, owners, params, before, weights = pending
         network = _network(names)
         updates = per_layer_norms(
-            torch._foreach_sub([p.detach() for p in params], before), owners, len(names)
+            torch._foreach_sub([p.detach() for p in params], before), owners, len(names), trainer
         )
         keys = [f"update_ratio/{_panel(n)}" for n in names] + [f"update_ratio/{network}/total"]
         self._pending.append((keys, updates / weights.clamp(min=1e-12)))
@@ -124,18 +138,36 @@ class GradientMonitor(L.Callback):
             logger.log_metrics(metrics, step=log_step(trainer))
 
     def _log_histograms(self, trainer: L.Trainer, layers: dict[str, list[torch.Tensor]], step: int) -> None:
+        """Sharded, every rank counts its part of each layer's gradient within the layer's global range."""
         import wandb
 
+        sharded = is_sharded(trainer.strategy) and trainer.world_size > 1
+        if not (sharded or trainer.is_global_zero):
+            return
         flats = [torch.cat([g.float().flatten() for g in grads]) for grads in layers.values()]
-        ranges = torch.stack([torch.stack(torch.aminmax(f)) for f in flats]).tolist()  # one host sync
+        # Each layer's -min and max (so that one MAX reduces both); -inf for a rank's empty part.
+        bounds = torch.stack(
+            [torch.stack([-f.min(), f.max()]) if f.numel() else f.new_full((2,), -math.inf) for f in flats]
+        )
+        if sharded:
+            torch.distributed.all_reduce(bounds, op=torch.distributed.ReduceOp.MAX)
+        ranges = [(-lo, hi) for lo, hi in bounds.tolist()]  # one host sync
+        counts = torch.stack(
+            [
+                torch.histc(flat, bins=self.bins, min=lo, max=max(hi, lo + 1e-12))
+                if math.isfinite(lo) and math.isfinite(hi)
+                else torch.zeros(self.bins, device=flat.device)  # non-finite: no histogram, the norm shows it
+                for flat, (lo, hi) in zip(flats, ranges)
+            ]
+        )
+        counts = sum_over_shards(trainer, counts)
+        if not trainer.is_global_zero:
+            return
         histograms: dict[str, Any] = {}
-        for name, flat, (lo, hi) in zip(layers, flats, ranges):
-            if not (math.isfinite(lo) and math.isfinite(hi)):
-                continue  # a non-finite gradient has no histogram; its norm already shows it
-            hi = hi if hi > lo else lo + 1e-12
-            counts = torch.histc(flat, bins=self.bins, min=lo, max=hi).cpu().numpy()
-            edges = torch.linspace(lo, hi, self.bins + 1).numpy()
-            histograms[f"grad_hist/{_panel(name)}"] = wandb.Histogram(np_histogram=(counts, edges))
+        for name, layer_counts, (lo, hi) in zip(layers, counts.cpu().numpy(), ranges):
+            if math.isfinite(lo) and math.isfinite(hi):
+                edges = torch.linspace(lo, max(hi, lo + 1e-12), self.bins + 1).numpy()
+                histograms[f"grad_hist/{_panel(name)}"] = wandb.Histogram(np_histogram=(layer_counts, edges))
         for logger in wandb_loggers(trainer):
             logger.experiment.log({**histograms, "trainer/global_step": step})
 

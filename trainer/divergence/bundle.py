@@ -16,6 +16,7 @@ from lightning.fabric.utilities.apply_func import apply_to_collection
 
 from trainer.checkpoint import SafeCheckpointIO
 from trainer.errors import UserError
+from trainer.fsdp import full_state
 
 FORMAT = 2
 
@@ -36,7 +37,6 @@ def tensor_bytes(tree: Any) -> int:
 
 def write_bundle(
     trainer: L.Trainer,
-    pl_module: L.LightningModule,
     folder: Path,
     *,
     detection: dict[str, Any],
@@ -48,7 +48,13 @@ def write_bundle(
     layer_grad_norms: dict[str, float],
 ) -> Path:
     """Weights and optimizer states are read now, before the bad update; buffers that the forward pass has
-    already moved (BatchNorm statistics) are taken from the start of the batch."""
+    already moved (BatchNorm statistics) are taken from the start of the batch. Called on every rank: the
+    strategy gathers the whole model's state (under FSDP, each rank holds a part), rank 0 writes."""
+    with full_state(trainer.strategy):
+        model_state = trainer.strategy.lightning_module_state_dict()
+        optimizer_states = [trainer.strategy.optimizer_state(opt) for opt in trainer.optimizers]
+    if not trainer.is_global_zero:
+        return folder
     config_file = Path(trainer.default_root_dir) / "config.yaml"
     config = config_file.read_text() if config_file.is_file() else ""
     content = {
@@ -58,8 +64,8 @@ def write_bundle(
         "global_step": trainer.global_step,
         "epoch": trainer.current_epoch,
         "batch_idx": batch_idx,
-        "state_dict": to_cpu({**pl_module.state_dict(), **buffers_at_start}),
-        "optimizer_states": [to_cpu(opt.state_dict()) for opt in trainer.optimizers],
+        "state_dict": to_cpu({**model_state, **buffers_at_start}),
+        "optimizer_states": to_cpu(optimizer_states),
         "rng": to_cpu(rng),
         "batch": to_cpu(batch),
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},

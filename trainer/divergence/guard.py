@@ -50,12 +50,13 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
-from trainer.callbacks.gradients import layer_name, layer_owners, params_by_layer, per_layer_norms
+from trainer.callbacks.gradients import grads, layer_name, layer_owners, params_by_layer, per_layer_norms
 from trainer.callbacks.rng import capture_rng
 from trainer.divergence.bundle import bundle_dir, tensor_bytes, to_cpu, write_bundle
 from trainer.divergence.detectors import Alarm, CollapseWatch, SeriesWatch
 from trainer.divergence.picture import draw_event
 from trainer.errors import DivergenceHalt, UserError
+from trainer.fsdp import clean_name, is_sharded, sum_over_shards
 from trainer.loggers import log_step
 from trainer.tasks.base import StepReport, Task, step_data, step_report
 
@@ -132,7 +133,7 @@ class DivergenceGuard(L.Callback):
     # -- hooks --------------------------------------------------------------------------------------
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._names = {p: n for n, p in pl_module.named_parameters()}
+        self._names = {p: clean_name(n) for n, p in pl_module.named_parameters()}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for optimizer in trainer.optimizers:  # the rollbacks' learning-rate factor, applied inside each step
@@ -163,11 +164,13 @@ class DivergenceGuard(L.Callback):
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        sharded = is_sharded(trainer.strategy)
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None or sharded]
         if not params:
             return
-        norms = torch.stack(torch._foreach_norm([p.grad for p in params]))
-        total = torch.linalg.vector_norm(norms, dtype=torch.float32).item()  # the one read per optimizer step
+        # Squared norm per parameter, of the whole parameter under FSDP (each rank holds a part of it).
+        squares = sum_over_shards(trainer, torch.stack(torch._foreach_norm(grads(params))).float().square())
+        total = squares.sum().sqrt().item()  # the one read per optimizer step
         network = self._names.get(params[0], "model").split(".", 1)[0]
         series = f"grad_norm/{network}"
         self._remember(trainer, series, total)
@@ -176,7 +179,7 @@ class DivergenceGuard(L.Callback):
                 self.enabled["nonfinite"] and trainer.precision != "16-mixed"
             ):  # fp16's scaler skips these itself
                 bad = [
-                    self._names.get(p, "?") for p, n in zip(params, norms.tolist()) if not math.isfinite(n)
+                    self._names.get(p, "?") for p, n in zip(params, squares.tolist()) if not math.isfinite(n)
                 ]
                 layers = sorted({layer_name(name) for name in bad})
                 self._detect(
@@ -374,28 +377,31 @@ class DivergenceGuard(L.Callback):
         step, detector = event["step"], event["detector"]
         folder = bundle_dir(trainer.default_root_dir, step, detector)
         # Before an update, the gradients it was about to apply; after it, all the model holds.
-        layer_norms = self._layer_grad_norms([optimizer] if optimizer is not None else trainer.optimizers)
+        layer_norms = self._layer_grad_norms(
+            trainer, [optimizer] if optimizer is not None else trainer.optimizers
+        )
         history = {name: list(points) for name, points in self.history.items()}
         batch = step_data(pl_module, self._batch)
         size = tensor_bytes([pl_module.state_dict(), [o.state_dict() for o in trainer.optimizers], batch])
+        if is_sharded(trainer.strategy):  # each rank holds a part: the bundle holds them all
+            size = int(trainer.strategy.reduce(torch.tensor(size, device=pl_module.device), reduce_op="sum"))
         notes = []
         if action == "halt" or self.bundle_bytes + size <= self.max_bundle_bytes:
             self.bundle_bytes += size
             event["bundle"] = str(folder)
+            names = [name for name, _ in _float_buffers(pl_module)]
+            write_bundle(  # on every rank: under FSDP they gather the whole state for rank 0 to write
+                trainer,
+                folder,
+                detection=event,
+                batch=batch,
+                rng=self._rng,
+                batch_idx=self._batch_idx,
+                buffers_at_start=dict(zip(names, self._buffers)),
+                history=history,
+                layer_grad_norms=layer_norms,
+            )
             if trainer.is_global_zero:
-                names = [name for name, _ in _float_buffers(pl_module)]
-                write_bundle(
-                    trainer,
-                    pl_module,
-                    folder,
-                    detection=event,
-                    batch=batch,
-                    rng=self._rng,
-                    batch_idx=self._batch_idx,
-                    buffers_at_start=dict(zip(names, self._buffers)),
-                    history=history,
-                    layer_grad_norms=layer_norms,
-                )
                 _log_bundle_artifact(trainer, folder)
             notes.append(f"bundle: {folder}")
         else:
@@ -410,16 +416,20 @@ class DivergenceGuard(L.Callback):
         if trainer.is_global_zero:
             log.warning(f"divergence at step {step} ({action}): {event['reason']} ({'; '.join(notes)})")
 
-    def _layer_grad_norms(self, optimizers: list[torch.optim.Optimizer]) -> dict[str, float]:
+    def _layer_grad_norms(
+        self, trainer: L.Trainer, optimizers: list[torch.optim.Optimizer]
+    ) -> dict[str, float]:
         """Per-layer norms of the gradients the optimizers hold: those of the step that went wrong."""
         layer_of = {p: layer_name(n) for p, n in self._names.items()}
-        layers = {name: ps for opt in optimizers for name, ps in params_by_layer(opt, layer_of).items()}
+        sharded = is_sharded(trainer.strategy)
+        layers = {
+            name: ps for opt in optimizers for name, ps in params_by_layer(opt, layer_of, sharded).items()
+        }
         if not layers:
             return {}
         params = [p for ps in layers.values() for p in ps]
-        norms = per_layer_norms(
-            [p.grad.detach() for p in params], layer_owners(layers, params[0].device), len(layers)
-        )
+        owners = layer_owners(layers, params[0].device)
+        norms = per_layer_norms(grads(params), owners, len(layers), trainer)
         return dict(zip(layers, norms.tolist()))
 
     def _restore_buffers(self, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer | None) -> None:
@@ -520,7 +530,7 @@ class DivergenceGuard(L.Callback):
 
 
 def _float_buffers(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
-    return [(name, b) for name, b in module.named_buffers() if b.is_floating_point()]
+    return [(clean_name(name), b) for name, b in module.named_buffers() if b.is_floating_point()]
 
 
 def divergence_callbacks(settings: dict[str, Any] | None) -> list[L.Callback]:

@@ -23,6 +23,7 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.apply_func import apply_to_collection
 
+from trainer.fsdp import clip_grad_norm_over_shards, is_sharded
 from trainer.loggers import is_logging_step
 
 Tensors = dict[str, torch.Tensor]
@@ -127,6 +128,19 @@ class Task(L.LightningModule):
         """(done, total, unit) when a run is not measured in epochs of batches (RL: env steps); the
         progress bar shows it instead."""
         return None
+
+    def clip_gradients(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        # Lightning's FSDP precision refuses norm clipping: the norm of sharded gradients spans the ranks.
+        by_norm = gradient_clip_algorithm in (None, "norm")
+        if gradient_clip_val and by_norm and is_sharded(self.trainer.strategy):
+            clip_grad_norm_over_shards(self.trainer, optimizer, gradient_clip_val)
+        else:
+            super().clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     @property
     def fused_optimizer(self) -> bool:

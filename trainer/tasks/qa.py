@@ -40,9 +40,12 @@ class ExtractiveQA(Task):
     def configure_optimizers(self) -> dict[str, Any]:
         from transformers import get_linear_schedule_with_warmup
 
-        # As BERT was trained: no weight decay on biases and LayerNorm weights.
-        decay = [p for p in self.parameters() if p.ndim > 1]
-        no_decay = [p for p in self.parameters() if p.ndim <= 1]
+        # As BERT was trained: no weight decay on biases and LayerNorm weights. Told by name and module, not
+        # by shape: under FSDP every parameter is a flat piece of a shard.
+        norms = {p for m in self.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
+        exempt = {p for n, p in self.named_parameters() if n.endswith("bias") or p in norms}
+        decay = [p for p in self.parameters() if p not in exempt]
+        no_decay = [p for p in self.parameters() if p in exempt]
         optimizer = torch.optim.AdamW(
             [
                 {"params": decay, "weight_decay": self.hparams.weight_decay},
