@@ -107,8 +107,8 @@ def resume_checkpoint(run_dir: Path, resume: str, ckpt_path: str | None, keep_ol
         return str(ckpt_path)
     checkpoints = run_dir / "checkpoints"
     last = checkpoints / "last.ckpt"
-    if resume == "auto":
-        return str(last) if last.is_file() else None
+    if resume == "auto":  # (FSDP's sharded checkpoints are folders)
+        return str(last) if last.is_file() or (last / "meta.pt").is_file() else None
     if keep_old and checkpoints.is_dir() and any(checkpoints.iterdir()):
         # Starting fresh must not destroy what an earlier run saved: keep it beside the new one.
         kept = checkpoints.with_name(f"checkpoints.before-{time.strftime('%Y%m%d-%H%M%S')}")

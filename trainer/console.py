@@ -29,6 +29,9 @@ NOISE: tuple[tuple[str, str], ...] = (
     (r"lightning/fabric/plugins/environments/slurm\.py", r"The `srun` command is available"),
     # Resuming into the run dir is what auto-resume does.
     (r"lightning/pytorch/callbacks/model_checkpoint\.py", r"exists and is not empty"),
+    # Every validation gathers all its items to every rank first (trainer/data/evaluation.py): the logged
+    # values are the same on all ranks, and a sync would only average equal numbers.
+    (r"lightning/pytorch/trainer/connectors/logger_connector/result\.py", r"sync_dist=True"),
 )
 
 _handlers: list[logging.Handler] = []

@@ -66,18 +66,31 @@ class FSDPStrategy(LightningFSDPStrategy):
             self.kwargs["auto_wrap_policy"] = policy
             if self.activation_checkpointing:
                 self._activation_checkpointing_kwargs = {"auto_wrap_policy": policy}
-        if self.root_device.type == "cpu" and not isinstance(model, FullyShardedDataParallel):
-            # Lightning passes the device's index, None on CPU, and FSDP then looks for an accelerator.
-            model = FullyShardedDataParallel(
-                model,
-                cpu_offload=self.cpu_offload,
-                mixed_precision=self.mixed_precision_config,
-                sharding_strategy=self.sharding_strategy,
-                device_id=self.root_device,
-                **self.kwargs,
-            )
-            self.kwargs.pop("auto_wrap_policy", None)  # applied: Lightning would warn that it is ignored
+        if isinstance(model, L.LightningModule) and not model.automatic_optimization:
+            # A manual step (a GAN's, RL's) runs forward and backward passes through its networks, never
+            # through the model's own forward, where FSDP's root would see the backward begin: each
+            # network with parameters is its own root.
+            for name, network in model.named_children():
+                if any(p.requires_grad for p in network.parameters()):
+                    setattr(model, name, self._shard(network))
+        elif self.root_device.type == "cpu":
+            model = self._shard(model)  # (Lightning would, without the CPU device)
+        self.kwargs.pop("auto_wrap_policy", None)  # applied: Lightning would warn that it is ignored
+        if not any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+            raise UserError("FSDP: the model has no parameters to shard")
         return super()._setup_model(model)
+
+    def _shard(self, module: nn.Module) -> nn.Module:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return FullyShardedDataParallel(
+            module,
+            cpu_offload=self.cpu_offload,
+            mixed_precision=self.mixed_precision_config,
+            sharding_strategy=self.sharding_strategy,
+            device_id=self.root_device if self.root_device.type == "cpu" else self.root_device.index,
+            **self.kwargs,
+        )
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
         if self._state_dict_type == "sharded" or self.root_device.type != "cpu":

@@ -55,12 +55,15 @@ def per_layer_norms(
     tensors: list[torch.Tensor], owners: torch.Tensor, num_layers: int, trainer: L.Trainer | None = None
 ) -> torch.Tensor:
     """L2 norm per layer of tensors grouped by `owners` (layer index per tensor), plus the total at the
-    end. With a `trainer` whose model is sharded, of the whole model (a collective call)."""
-    norms = torch.stack(torch._foreach_norm(tensors)).float()
-    squares = torch.zeros(num_layers, device=norms.device).index_add_(0, owners, norms.square())
+    end. With a `trainer` whose model is sharded, of the whole model (a collective call). Accumulated in
+    float64: in float32, torch's norm of MiniLM's 11.7 M-element embedding is off by 4e-4 (relative)."""
+    norms = torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64))
+    squares = torch.zeros(num_layers, device=norms.device, dtype=norms.dtype).index_add_(
+        0, owners, norms.square()
+    )
     if trainer is not None:
         squares = sum_over_shards(trainer, squares)
-    return torch.cat([squares.sqrt(), squares.sum().sqrt().view(1)])
+    return torch.cat([squares.sqrt(), squares.sum().sqrt().view(1)]).float()
 
 
 class GradientMonitor(L.Callback):

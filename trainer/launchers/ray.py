@@ -187,6 +187,7 @@ def _worker_main(config: dict[str, Any]) -> None:
     from lightning.fabric.utilities.rank_zero import rank_zero_only
     from ray.train.lightning import RayDDPStrategy, RayFSDPStrategy, RayLightningEnvironment, prepare_trainer
 
+    from trainer.fsdp import FSDPStrategy
     from trainer.run import train
 
     cfg = OmegaConf.create(config["cfg"])
@@ -195,7 +196,11 @@ def _worker_main(config: dict[str, Any]) -> None:
         cfg.callbacks.last_checkpoint._target_ = f"{__name__}.ReportingLastCheckpoint"
     cfg.trainer.devices, cfg.trainer.num_nodes = "auto", 1  # Ray gives each worker its own device(s)
     if config["strategy"] == "fsdp":
-        strategy = RayFSDPStrategy()
+
+        class RayShardedStrategy(FSDPStrategy, RayFSDPStrategy):
+            """trainer=fsdp's strategy on the device Ray gave this worker."""
+
+        strategy = RayShardedStrategy(**cfg.distributed.fsdp)
     else:
         strategy = RayDDPStrategy(find_unused_parameters=cfg.distributed.find_unused_parameters)
 
