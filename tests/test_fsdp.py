@@ -129,7 +129,7 @@ def test_a_nan_on_one_rank_halts_every_rank_with_one_bundle_that_replays(tmp_pat
         *DCGAN,
         "trainer=fsdp_cpu",
         "divergence.inject.step=3",
-        "divergence.inject.rank=0",  # rank 1's batch is clean; its shards of the gradient are not
+        "divergence.inject.rank=1",  # rank 0's batch is clean; its shards of the gradient are not
         f"hydra.run.dir={run_dir}",
         home=home,
     )
@@ -140,6 +140,7 @@ def test_a_nan_on_one_rank_halts_every_rank_with_one_bundle_that_replays(tmp_pat
     assert rank0 == rank1 and rank0[0]["step"] == 3 and rank0[0]["action"] == "halt"
     (bundle,) = (run_dir / "divergence").glob("step*")
     content = load_bundle(bundle)
+    assert content["batch_rank"] == 1 and torch.isnan(content["batch"][0]).all()  # the bad record's batch
     # The whole model and both optimizers' whole state, from before the bad update, by the model's names.
     weights = content["state_dict"]
     assert weights["discriminator.net.0.weight"].ndim == 4  # the whole tensor, not a flat shard
@@ -157,6 +158,7 @@ def test_a_nan_on_one_rank_halts_every_rank_with_one_bundle_that_replays(tmp_pat
     )
     assert replayed.returncode == 0, replayed.stderr[-2000:]
     assert "reproduced" in replayed.stdout and "did not reproduce" not in replayed.stdout
+    assert "batch 3 of rank 1" in replayed.stdout
 
 
 def test_a_sharded_checkpoint_is_a_folder_that_resumes_under_fsdp(tmp_path: Path, home: Path):

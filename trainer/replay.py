@@ -191,7 +191,8 @@ def draw_replay(path: Path, reproduced: bool, probe: ReplayProbe, bundle: dict[s
 def report(reproduced: bool, probe: ReplayProbe, bundle: dict[str, Any], fix: str) -> str:
     detection = bundle["detection"]
     lines = [
-        f"bundle: step {detection['step']} (epoch {bundle['epoch']}, batch {bundle['batch_idx']}): "
+        f"bundle: step {detection['step']} (epoch {bundle['epoch']}, batch {bundle['batch_idx']}"
+        f"{f' of rank {rank}' if (rank := bundle.get('batch_rank')) else ''}): "
         f"{detection['reason']}"
     ]
     lines.append(f"replayed on this machine{fix}: " + ("reproduced" if reproduced else "did not reproduce"))

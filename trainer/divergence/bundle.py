@@ -1,6 +1,7 @@
 """The divergence bundle: everything needed to re-run the step that went wrong, in one safe file.
 
-<run dir>/divergence/step<K>-<detector>/bundle.pt holds the offending batch, the model and optimizer states
+<run dir>/divergence/step<K>-<detector>/bundle.pt holds the offending batch (of the rank whose batch holds a
+NaN or Inf, else rank 0's, with that rank's RNG states; `batch_rank`), the whole model and optimizer states
 from before the bad update, the RNG states at the start of the batch (Python, NumPy, torch CPU and CUDA),
 step, epoch and batch index, the resolved config, the last metrics, the recent history of every watched
 series and the per-layer gradient norms of the step (what the event's picture shows). It is written
@@ -53,6 +54,7 @@ def write_bundle(
     with full_state(trainer.strategy):
         model_state = trainer.strategy.lightning_module_state_dict()
         optimizer_states = [trainer.strategy.optimizer_state(opt) for opt in trainer.optimizers]
+    batch_rank, batch, rng = _culprit_batch(trainer, batch, rng)
     if not trainer.is_global_zero:
         return folder
     config_file = Path(trainer.default_root_dir) / "config.yaml"
@@ -64,6 +66,7 @@ def write_bundle(
         "global_step": trainer.global_step,
         "epoch": trainer.current_epoch,
         "batch_idx": batch_idx,
+        "batch_rank": batch_rank,
         "state_dict": to_cpu({**model_state, **buffers_at_start}),
         "optimizer_states": to_cpu(optimizer_states),
         "rng": to_cpu(rng),
@@ -81,6 +84,29 @@ def write_bundle(
         f"Replay this step (on CPU, anywhere):\n    python -m trainer.replay {folder}\n"
     )
     return folder
+
+
+def _culprit_batch(trainer: L.Trainer, batch: Any, rng: dict[str, Any]) -> tuple[int, Any, dict[str, Any]]:
+    """The rank whose batch holds a NaN or Inf (the first such; else rank 0), with its batch and RNG states:
+    a bad record on any rank breaks every rank's update, and a replay in one process must run that one."""
+    if trainer.world_size == 1 or not torch.distributed.is_initialized():
+        return 0, batch, rng
+    flags: list[bool] = [False] * trainer.world_size
+    torch.distributed.all_gather_object(flags, _has_nonfinite(batch))
+    rank = flags.index(True) if any(flags) else 0
+    carried = [to_cpu((batch, rng))]
+    torch.distributed.broadcast_object_list(carried, src=rank)
+    return rank, *carried[0]
+
+
+def _has_nonfinite(tree: Any) -> bool:
+    found: list[bool] = []
+
+    def check(t: torch.Tensor) -> None:
+        found.append(t.is_floating_point() and not bool(t.isfinite().all()))
+
+    apply_to_collection(tree, torch.Tensor, check)
+    return any(found)
 
 
 def load_bundle(path: str | Path) -> dict[str, Any]:
