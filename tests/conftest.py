@@ -84,6 +84,21 @@ def run_cli(
     )
 
 
+def run_replay(bundle: Path, home: Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`python -m trainer.replay <bundle>` as a user runs it; it must succeed and reproduce the event."""
+    replayed = subprocess.run(
+        [sys.executable, "-m", "trainer.replay", str(bundle)],
+        env=cli_env(home),
+        cwd=cwd or REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert replayed.returncode == 0, replayed.stderr[-2000:]
+    assert "reproduced" in replayed.stdout and "did not reproduce" not in replayed.stdout
+    return replayed
+
+
 def assert_clean_failure(result: subprocess.CompletedProcess, *fragments: str) -> str:
     """The run failed as bad input must: non-zero exit, no traceback, one `error:` line that holds
     `fragments`."""

@@ -4,15 +4,13 @@ tools."""
 import json
 import logging
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_DCGAN, cli_env, compose_config, divergence_events, run_cli
+from conftest import TINY_DCGAN, compose_config, divergence_events, run_cli, run_replay
 from wandb_offline import find_runs, read_run
 
 from trainer.divergence.bundle import load_bundle, tensor_bytes
@@ -64,15 +62,7 @@ def test_a_poisoned_batch_halts_at_its_step_and_replays_anywhere(tmp_path: Path,
     assert any(a["type"] == "divergence" for a in run.artifacts)
     assert run.summary["divergence/event"]["_type"] == "images/separated"
 
-    replayed = subprocess.run(
-        [sys.executable, "-m", "trainer.replay", str(bundle)],
-        env=cli_env(home),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert replayed.returncode == 0, replayed.stderr[-2000:]
-    assert "reproduced" in replayed.stdout and "did not reproduce" not in replayed.stdout
+    replayed = run_replay(bundle, home)
     assert "first layer with a non-finite output: discriminator.net.0" in replayed.stdout  # it ate the batch
     assert f"picture: {bundle / 'replay.png'}" in replayed.stdout and is_png(bundle / "replay.png")
 

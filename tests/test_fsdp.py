@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY_DCGAN, cli_env, divergence_events, last_step, run_cli
+from conftest import REPO, TINY_DCGAN, cli_env, divergence_events, last_step, run_cli, run_replay
 from test_resume import assert_same_training_state, last_checkpoint
 from wandb_offline import find_runs, read_run
 
@@ -37,13 +37,25 @@ def wandb_history(run_dir: Path) -> dict[str, list[float]]:
     return {key: [v for _, v in run.series(key)] for key in keys}
 
 
-@pytest.mark.parametrize("exp", [DCGAN, QA], ids=["dcgan", "qa"])
-def test_fsdp_trains_as_ddp_does_and_reports_the_same_layer_norms(exp: list[str], tmp_path: Path, home: Path):
+@pytest.mark.parametrize(
+    ("exp", "fsdp_options"),
+    [
+        (DCGAN, []),  # each network its own FSDP root (manual optimization)
+        (DCGAN, ["distributed.fsdp.sharding_strategy=NO_SHARD"]),  # every rank holds it all: counted once
+        (QA, ["distributed.fsdp.activation_checkpointing=true"]),  # one unit per BertLayer, recomputed
+    ],
+    ids=["dcgan", "dcgan-no-shard", "qa"],
+)
+def test_fsdp_trains_as_ddp_does_and_reports_the_same_layer_norms(
+    exp: list[str], fsdp_options: list[str], tmp_path: Path, home: Path
+):
     """Same seed, same batches: the losses and every per-layer gradient and weight norm in W&B agree."""
     runs = {}
-    for preset in ("ddp_cpu", "fsdp_cpu"):
+    for preset, options in (("ddp_cpu", []), ("fsdp_cpu", fsdp_options)):
         run_dir = tmp_path / preset
-        result = run_cli(*exp, f"trainer={preset}", f"hydra.run.dir={run_dir}", home=home, timeout=400)
+        result = run_cli(
+            *exp, f"trainer={preset}", *options, f"hydra.run.dir={run_dir}", home=home, timeout=400
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         runs[preset] = wandb_history(run_dir)
     ddp, fsdp = runs["ddp_cpu"], runs["fsdp_cpu"]
@@ -149,15 +161,7 @@ def test_a_nan_on_one_rank_halts_every_rank_with_one_bundle_that_replays(tmp_pat
     learned = ("weight", "bias")
     params = [w for k, w in weights.items() if k.startswith("discriminator.") and k.endswith(learned)]
     assert sorted(m.shape for m in moments) == sorted(w.shape for w in params)
-    replayed = subprocess.run(
-        [sys.executable, "-m", "trainer.replay", str(bundle)],
-        env=cli_env(home),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert replayed.returncode == 0, replayed.stderr[-2000:]
-    assert "reproduced" in replayed.stdout and "did not reproduce" not in replayed.stdout
+    replayed = run_replay(bundle, home)
     assert "batch 3 of rank 1" in replayed.stdout
 
 

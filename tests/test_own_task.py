@@ -4,11 +4,10 @@ gradient monitor, metrics.json, checkpoints and resume, W&B."""
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, assert_clean_failure, cli_env, last_step, run_cli
+from conftest import REPO, assert_clean_failure, last_step, run_cli, run_replay
 from wandb_offline import find_runs, read_run
 
 OWN = REPO / "tests" / "own_task"
@@ -58,16 +57,7 @@ def test_an_own_task_halts_on_a_poisoned_batch_and_replays(tmp_path: Path, home:
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "error: divergence at step 3: non-finite gradients in network" in result.stderr
     bundle = run_dir / "divergence" / "step000003-nonfinite"
-    replayed = subprocess.run(
-        [sys.executable, "-m", "trainer.replay", str(bundle)],
-        env=cli_env(home),
-        cwd=OWN,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert replayed.returncode == 0, replayed.stderr[-2000:]
-    assert "reproduced" in replayed.stdout and "did not reproduce" not in replayed.stdout
+    replayed = run_replay(bundle, home, cwd=OWN)
     assert "first layer with a non-finite output: network.0" in replayed.stdout
 
 

@@ -73,8 +73,8 @@ class FSDPStrategy(LightningFSDPStrategy):
             for name, network in model.named_children():
                 if any(p.requires_grad for p in network.parameters()):
                     setattr(model, name, self._shard(network))
-        elif self.root_device.type == "cpu":
-            model = self._shard(model)  # (Lightning would, without the CPU device)
+        else:
+            model = self._shard(model)  # as Lightning would, but naming the device on CPU too
         self.kwargs.pop("auto_wrap_policy", None)  # applied: Lightning would warn that it is ignored
         if not any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
             raise UserError("FSDP: the model has no parameters to shard")
@@ -163,9 +163,23 @@ def is_sharded(strategy: Strategy) -> bool:
 def sum_over_shards(trainer: L.Trainer, partial_sums: torch.Tensor) -> torch.Tensor:
     """Under FSDP each rank holds a part of every parameter: its sums of squares add up to the whole
     model's. Elsewhere every rank already holds the whole (DDP's gradients are all-reduced)."""
-    if is_sharded(trainer.strategy) and trainer.world_size > 1:
-        torch.distributed.all_reduce(partial_sums)
-    return partial_sums
+    if not (is_sharded(trainer.strategy) and trainer.world_size > 1):
+        return partial_sums
+    torch.distributed.all_reduce(partial_sums)
+    return partial_sums / _copies(trainer)
+
+
+def _copies(trainer: L.Trainer) -> int:
+    """How many ranks hold each shard: hybrid sharding shards within a node and replicates across nodes,
+    NO_SHARD replicates everywhere."""
+    from torch.distributed.fsdp import ShardingStrategy
+
+    sharding = trainer.strategy.sharding_strategy
+    if sharding == ShardingStrategy.NO_SHARD:
+        return trainer.world_size
+    if sharding in (ShardingStrategy.HYBRID_SHARD, ShardingStrategy._HYBRID_SHARD_ZERO2):
+        return trainer.num_nodes
+    return 1
 
 
 def full_state(strategy: Strategy) -> Any:

@@ -383,8 +383,8 @@ class DivergenceGuard(L.Callback):
         history = {name: list(points) for name, points in self.history.items()}
         batch = step_data(pl_module, self._batch)
         size = tensor_bytes([pl_module.state_dict(), [o.state_dict() for o in trainer.optimizers], batch])
-        if is_sharded(trainer.strategy):  # each rank holds a part: the bundle holds them all
-            size = int(trainer.strategy.reduce(torch.tensor(size, device=pl_module.device), reduce_op="sum"))
+        # Sharded, each rank holds a part and the bundle holds them all.
+        size = int(sum_over_shards(trainer, torch.tensor(float(size), device=pl_module.device)))
         notes = []
         if action == "halt" or self.bundle_bytes + size <= self.max_bundle_bytes:
             self.bundle_bytes += size
