@@ -49,13 +49,25 @@ def assert_same_training_state(a: dict, b: dict) -> None:
             assert torch.equal(state["exp_avg_sq"], opt_b["state"][param]["exp_avg_sq"])
 
 
-def test_resume_at_an_epoch_boundary_gives_identical_weights(tmp_path: Path) -> None:
-    fit(tmp_path / "straight", "++trainer.max_epochs=2")
-    fit(tmp_path / "resumed", "++trainer.max_epochs=1")
-    fit(tmp_path / "resumed", "++trainer.max_epochs=2")
+@pytest.mark.parametrize(
+    "options", [[], ["++trainer.val_check_interval=0.5"]], ids=["validation-per-epoch", "validation-within"]
+)
+def test_resume_at_an_epoch_boundary_gives_identical_weights(options: list[str], tmp_path: Path) -> None:
+    fit(tmp_path / "straight", "++trainer.max_epochs=2", *options)
+    fit(tmp_path / "resumed", "++trainer.max_epochs=1", *options)
+    fit(tmp_path / "resumed", "++trainer.max_epochs=2", *options)
     straight, resumed = last_checkpoint(tmp_path / "straight"), last_checkpoint(tmp_path / "resumed")
     assert straight["global_step"] == 16  # 2 epochs x 4 batches x 2 optimizers
     assert_same_training_state(straight, resumed)
+
+
+def test_resume_at_an_epoch_boundary_with_max_steps_trains_the_whole_next_epoch(tmp_path: Path) -> None:
+    """Validation within epochs (as +exp=qa) and max_steps set: Lightning 2.6 resumed such a checkpoint
+    into the finished epoch's loop and trained one batch of the next epoch, or none."""
+    options = ["++trainer.val_check_interval=0.5", "++trainer.max_steps=1000"]
+    fit(tmp_path / "run", "++trainer.max_epochs=1", *options)
+    fit(tmp_path / "run", "++trainer.max_epochs=2", *options)
+    assert last_checkpoint(tmp_path / "run")["global_step"] == 16  # 2 epochs x 4 batches x 2 optimizers
 
 
 def test_resume_mid_epoch_after_a_crash_gives_identical_weights(tmp_path: Path) -> None:

@@ -115,3 +115,27 @@ def resume_checkpoint(run_dir: Path, resume: str, ckpt_path: str | None, keep_ol
         checkpoints.rename(kept)
         log.info(f"resume=never, earlier checkpoints kept in {kept}")
     return None
+
+
+def close_finished_epoch(checkpoint: dict[str, Any]) -> None:
+    """Records a checkpoint written in `on_train_epoch_end` as the epoch boundary it is.
+
+    Lightning (2.6) writes it as "epoch processed, not completed", with the epoch's batch counters full.
+    Resumed with `max_steps` set and validation within the epoch (`val_check_interval` < 1, as `+exp=qa`),
+    Lightning restarts that finished epoch's loop, and the next epoch trains one batch or none. Here the
+    epoch is completed and the per-epoch counters are zero, as at the start of the next epoch, so every
+    resume starts that epoch afresh. (Epoch-interval LR schedulers step after this hook; Lightning's own
+    resume from such a checkpoint skips that step too.)"""
+    loop = checkpoint.get("loops", {}).get("fit_loop")
+    if not loop:
+        return
+    epochs = loop["epoch_progress"]
+    epoch = epochs["current"]
+    if not epoch["processed"] == epoch["started"] == epoch["completed"] + 1:
+        return  # written inside an epoch (mid-epoch save, validation) or after training ended
+    for part in ("total", "current"):
+        epochs[part]["completed"] = epochs[part]["processed"]
+    batches, validations = loop["epoch_loop.batch_progress"], loop["epoch_loop.val_loop.batch_progress"]
+    for counters in (batches["current"], validations["current"], validations["total"]):
+        counters.update(dict.fromkeys(counters, 0))
+    batches["is_last_batch"] = validations["is_last_batch"] = False

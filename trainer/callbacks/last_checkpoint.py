@@ -11,6 +11,8 @@ from typing import Any
 
 import lightning as L
 
+from trainer.checkpoint import close_finished_epoch
+
 
 class LastCheckpoint(L.Callback):
     # Read by loggers that upload checkpoints (WandbLogger's log_model), as on Lightning's ModelCheckpoint.
@@ -43,6 +45,16 @@ class LastCheckpoint(L.Callback):
         for logger in trainer.loggers:
             logger.after_save_checkpoint(self)
         return True
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        close_finished_epoch(checkpoint)  # every checkpoint of the run, this one's and the best ones
+
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        close_finished_epoch(checkpoint)  # one written before this fix (Lightning restores loops later)
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:
