@@ -33,11 +33,14 @@ def params_by_layer(
     """The optimizer's parameters that have a gradient, grouped by layer name. Sharded, all of them: a rank
     whose part of a parameter is empty has no gradient for it, and every rank must list the same ones."""
     layers: dict[str, list[torch.nn.Parameter]] = defaultdict(list)
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if p.grad is not None or sharded:
-                layers[layer_of.get(p, "unnamed")].append(p)
+    for p in stepped_params(optimizer, sharded):
+        layers[layer_of.get(p, "unnamed")].append(p)
     return layers
+
+
+def stepped_params(optimizer: torch.optim.Optimizer, sharded: bool = False) -> list[torch.nn.Parameter]:
+    """The optimizer's parameters that have a gradient; sharded, all of them (see `params_by_layer`)."""
+    return [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None or sharded]
 
 
 def grads(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:

@@ -50,7 +50,14 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
-from trainer.callbacks.gradients import grads, layer_name, layer_owners, params_by_layer, per_layer_norms
+from trainer.callbacks.gradients import (
+    grads,
+    layer_name,
+    layer_owners,
+    params_by_layer,
+    per_layer_norms,
+    stepped_params,
+)
 from trainer.callbacks.rng import capture_rng
 from trainer.divergence.bundle import bundle_dir, tensor_bytes, to_cpu, write_bundle
 from trainer.divergence.detectors import Alarm, CollapseWatch, SeriesWatch
@@ -164,8 +171,7 @@ class DivergenceGuard(L.Callback):
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        sharded = is_sharded(trainer.strategy)
-        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None or sharded]
+        params = stepped_params(optimizer, is_sharded(trainer.strategy))
         if not params:
             return
         # Squared norm per parameter, of the whole parameter under FSDP (each rank holds a part of it).
