@@ -32,6 +32,7 @@ from trainer.divergence.lr_find import LRRangeTest, lr_find_config
 from trainer.errors import DivergenceHalt, Preempted, UserError
 from trainer.loggers import finish_wandb, wandb_run_url
 from trainer.summary import RunEnd, write_summary
+from trainer.sync import worker_sync
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +155,13 @@ def build_trainer(
     loggers = [
         build(node, f"logger.{name}") for name, node in (cfg.logger or {}).items() if _is_buildable(node)
     ]
-    # The guard goes first: at the end of a bad batch it must act before any checkpoint is written.
-    callbacks = divergence_callbacks(OmegaConf.to_container(cfg.divergence, resolve=True)) + callbacks
+    # The guard goes first: at the end of a bad batch it must act before any checkpoint is written; then the
+    # workers' sync, so that a checkpoint of a sync step holds the synchronised model.
+    callbacks = [
+        *divergence_callbacks(OmegaConf.to_container(cfg.divergence, resolve=True)),
+        worker_sync(cfg.distributed),
+        *callbacks,
+    ]
     if cfg.mode == "lr_find":
         callbacks.append(
             build(

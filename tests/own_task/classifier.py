@@ -14,6 +14,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from trainer.data.loading import ResumableLoader
 from trainer.tasks.base import StepReport, Task
 
 
@@ -35,14 +36,9 @@ class DigitVectors(L.LightningDataModule):
         self.train_set = TensorDataset(inputs[train], labels[train])
         self.val_set = TensorDataset(inputs[val], labels[val])
 
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.train_set,
-            self.batch_size,
-            shuffle=True,
-            drop_last=True,
-            generator=torch.Generator().manual_seed(self.seed),
-        )
+    def train_dataloader(self) -> ResumableLoader:
+        # trainer's loader: each data-parallel worker gets its own share, and a resumed run its place
+        return ResumableLoader(self.train_set, self.batch_size, seed=self.seed, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=len(self.val_set))
@@ -54,13 +50,16 @@ class MLP(nn.Sequential):
 
 
 class DigitClassifier(Task):
-    def __init__(self, network: nn.Module, lr: float = 1e-3):
+    def __init__(self, network: nn.Module, lr: float = 1e-3, momentum: float | None = None):
         super().__init__()
         self.save_hyperparameters(ignore=["network"])
         self.network = network
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.network.parameters(), lr=self.hparams.lr)
+        """Adam; with a `momentum`, SGD with momentum."""
+        if self.hparams.momentum is None:
+            return torch.optim.Adam(self.network.parameters(), lr=self.hparams.lr)
+        return torch.optim.SGD(self.network.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         inputs, labels = batch

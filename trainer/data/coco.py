@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from trainer.data.digit_canvases import write_digit_canvases
 from trainer.data.evaluation import evaluation_loader
-from trainer.data.loading import ResumableLoader
+from trainer.data.loading import ResumableLoader, partition_classes
 from trainer.errors import UserError
 from trainer.ranges import NonNegative, Positive
 
@@ -107,6 +107,16 @@ class CocoDetection(Dataset):
                 self.boxes_of[a["image_id"]].append(a)
 
     @property
+    def classes(self) -> list[int]:
+        """Each image's class for `data.partition=by_class`: the label most of its boxes have (the smallest
+        on a tie; -1 for an image without boxes)."""
+        classes = []
+        for image in self.images:
+            labels = [self.label_of[a["category_id"]] for a in self.boxes_of[image["id"]]]
+            classes.append(min(set(labels), key=lambda c: (-labels.count(c), c)) if labels else -1)
+        return classes
+
+    @property
     def class_names(self) -> list[str]:
         names = {c["id"]: c["name"] for c in self.coco["categories"]}
         return [names[i] for i in self.category_ids]
@@ -181,9 +191,11 @@ class CocoDataModule(L.LightningDataModule):
         batch_size: Positive = 16,
         num_workers: NonNegative = 0,
         pin_memory: bool = False,
+        partition: str = "iid",
         seed: int = 0,
     ):
         super().__init__()
+        partition_classes(partition, [])  # the name's check, before any loading
         paths = (train_annotations, train_images, val_annotations, val_images)
         if any(paths) and not all(paths):
             raise UserError(
@@ -193,7 +205,7 @@ class CocoDataModule(L.LightningDataModule):
         self.paths, self.canvases, self.cache_dir = paths, dict(canvases or {}), Path(cache_dir)
         self.sizes, self.hflip, self.jitter = tuple(sizes), hflip, jitter  # training only
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
-        self.pin_memory = pin_memory
+        self.pin_memory, self.partition = pin_memory, partition
         self.train_set: CocoDetection | None = None
         self.val_set: CocoDetection | None = None
 
@@ -232,6 +244,7 @@ class CocoDataModule(L.LightningDataModule):
             self.train_set,
             batch_size=self.batch_size,
             seed=self.seed,
+            classes=partition_classes(self.partition, self.train_set.classes),
             drop_last=True,
             num_workers=self.num_workers,
             collate_fn=collate,

@@ -15,7 +15,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from trainer.data.evaluation import Indexed, evaluation_loader
-from trainer.data.loading import ResumableLoader
+from trainer.data.loading import ResumableLoader, partition_classes
 from trainer.errors import UserError
 from trainer.ranges import NonNegative, Positive
 
@@ -35,8 +35,8 @@ def image_to_tensor(image: Image.Image, size: int, channels: int) -> torch.Tenso
 
 
 class TensorImages(Dataset):
-    def __init__(self, images: torch.Tensor):
-        self.images = images
+    def __init__(self, images: torch.Tensor, classes: Sequence[int] | None = None):
+        self.images, self.classes = images, classes
 
     def __len__(self) -> int:
         return len(self.images)
@@ -48,8 +48,8 @@ class TensorImages(Dataset):
 class ImageFiles(Dataset):
     """Decodes lazily; an unreadable file fails with its path named."""
 
-    def __init__(self, paths: Sequence[Path], size: int, channels: int):
-        self.paths, self.size, self.channels = list(paths), size, channels
+    def __init__(self, paths: Sequence[Path], size: int, channels: int, classes: Sequence[int] | None = None):
+        self.paths, self.size, self.channels, self.classes = list(paths), size, channels, classes
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -66,8 +66,16 @@ class ImageFiles(Dataset):
 class MappedImages(Dataset):
     """Any indexable of PIL images (for example a Hugging Face data set column)."""
 
-    def __init__(self, items: Any, to_image: Callable[[Any], Image.Image], size: int, channels: int):
+    def __init__(
+        self,
+        items: Any,
+        to_image: Callable[[Any], Image.Image],
+        size: int,
+        channels: int,
+        classes: Sequence[int] | None = None,
+    ):
         self.items, self.to_image, self.size, self.channels = items, to_image, size, channels
+        self.classes = classes
 
     def __len__(self) -> int:
         return len(self.items)
@@ -88,14 +96,17 @@ class ImageDataModule(L.LightningDataModule):
         num_workers: NonNegative = 0,
         pin_memory: bool = False,
         channels_last: bool = False,
+        partition: str = "iid",
         seed: int = 0,
     ):
         super().__init__()
+        partition_classes(partition, [])  # the name's check, before any loading
         if not 0.0 <= val_fraction < 1.0:
             raise UserError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
         self.image_size, self.channels, self.batch_size = image_size, channels, batch_size
         self.val_fraction, self.num_workers, self.pin_memory = val_fraction, num_workers, pin_memory
-        self.channels_last, self.seed = channels_last, seed
+        self.channels_last, self.partition, self.seed = channels_last, partition, seed
+        self.train_classes: list[int] | None = None  # each training image's class, where the source has them
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
 
@@ -110,6 +121,9 @@ class ImageDataModule(L.LightningDataModule):
         n_val = round(len(dataset) * self.val_fraction)
         self.val_set = torch.utils.data.Subset(dataset, order[:n_val])
         self.train_set = torch.utils.data.Subset(dataset, order[n_val:])
+        classes = getattr(dataset, "classes", None)
+        if classes is not None:
+            self.train_classes = [int(classes[i]) for i in order[n_val:]]
         if len(self.train_set) < self.batch_size:
             raise UserError(
                 f"only {len(self.train_set)} training images, fewer than data.batch_size={self.batch_size}: "
@@ -121,6 +135,7 @@ class ImageDataModule(L.LightningDataModule):
             self.train_set,
             batch_size=self.batch_size,
             seed=self.seed,
+            classes=partition_classes(self.partition, self.train_classes),
             drop_last=True,  # full batches keep BatchNorm statistics and DDP steps even
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
@@ -148,9 +163,10 @@ class DigitsDataModule(ImageDataModule):
     def load(self) -> Dataset:
         from sklearn.datasets import load_digits
 
-        digits = (load_digits().images * (255.0 / 16.0)).astype(np.uint8)
+        bunch = load_digits()
+        digits = (bunch.images * (255.0 / 16.0)).astype(np.uint8)
         images = [image_to_tensor(Image.fromarray(d), self.image_size, self.channels) for d in digits]
-        return TensorImages(torch.stack(images))
+        return TensorImages(torch.stack(images), classes=bunch.target.tolist())
 
 
 class ImageFolderDataModule(ImageDataModule):
@@ -174,7 +190,11 @@ class ImageFolderDataModule(ImageDataModule):
                     pass
             except (OSError, UnidentifiedImageError) as e:
                 raise UserError(f"cannot read image {path} ({e}): remove or replace the file") from None
-        return ImageFiles(paths, self.image_size, self.channels)
+        # A class per subfolder, as in ImageFolder (data.partition=by_class); images directly in root: one
+        folders = [p.relative_to(self.root).parts[0] if p.parent != self.root else "" for p in paths]
+        index = {name: i for i, name in enumerate(sorted(set(folders)))}
+        classes = [index[folder] for folder in folders]
+        return ImageFiles(paths, self.image_size, self.channels, classes)
 
 
 class HubImageDataModule(ImageDataModule):
@@ -185,11 +205,13 @@ class HubImageDataModule(ImageDataModule):
         name: str,
         split: str = "train",
         image_key: str = "image",
+        label_key: str | None = None,
         data_dir: str | None = None,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
         self.name, self.split, self.image_key, self.data_dir = name, split, image_key, data_dir
+        self.label_key = label_key
 
     def load(self) -> Dataset:
         try:
@@ -202,9 +224,11 @@ class HubImageDataModule(ImageDataModule):
             table = datasets.load_dataset(self.name, split=self.split, data_dir=self.data_dir)
         except Exception as e:  # network, auth and name errors all end here
             raise UserError(f"cannot load hub data set {self.name!r} split {self.split!r}: {e}") from None
-        if self.image_key not in table.column_names:
-            raise UserError(
-                f"hub data set {self.name!r} has no column {self.image_key!r}; "
-                f"set data.image_key to one of {table.column_names}"
-            )
-        return MappedImages(table, lambda row: row[self.image_key], self.image_size, self.channels)
+        for key, value in (("image_key", self.image_key), ("label_key", self.label_key)):
+            if value is not None and value not in table.column_names:
+                raise UserError(
+                    f"hub data set {self.name!r} has no column {value!r}; "
+                    f"set data.{key} to one of {table.column_names}"
+                )
+        classes = table[self.label_key] if self.label_key else None
+        return MappedImages(table, lambda row: row[self.image_key], self.image_size, self.channels, classes)

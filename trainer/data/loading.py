@@ -6,22 +6,28 @@ shuffle order depends only on (seed, epoch), and the loader has its own generato
 draws from the global RNG that the model's own randomness uses.
 """
 
-from collections.abc import Iterator, Sized
+from collections.abc import Iterator, Sequence, Sized
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from trainer.data.evaluation import rank_and_world
+from trainer.errors import UserError
 
 
 class ShardedSampler(Sampler[int]):
     """Seeded per-epoch permutation, split evenly across distributed ranks (every rank gets the same count;
     the last size % world items of an epoch's order are left for later epochs). For training; validation
-    shares out every item (trainer/data/evaluation.py)."""
+    shares out every item (trainer/data/evaluation.py).
 
-    def __init__(self, size: int, seed: int):
+    With `classes` (one class id per item; `data.partition=by_class`), each rank draws only from the items of
+    its own classes (the i-th class in sorted order goes to rank i % world): the non-IID split of federated
+    learning studies. Every rank still gets the same count, the smallest rank's share."""
+
+    def __init__(self, size: int, seed: int, classes: Sequence[int] | None = None):
         self.size, self.seed = size, seed
+        self.classes = None if classes is None else torch.as_tensor(classes)
         self.epoch = 0
         self.start = 0  # indices of this rank's shard to skip, set when resuming mid-epoch
 
@@ -29,25 +35,67 @@ class ShardedSampler(Sampler[int]):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.size // rank_and_world()[1]
+        world = rank_and_world()[1]
+        if self.classes is None:
+            return self.size // world
+        return min(int((self._owners(world) == rank).sum()) for rank in range(world))
 
     def __iter__(self) -> Iterator[int]:
         order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         rank, world = rank_and_world()
-        shard = order[rank : len(self) * world : world]
+        if self.classes is None:
+            shard = order[rank : len(self) * world : world]
+        else:
+            shard = order[self._owners(world)[order] == rank][: len(self)]
         start, self.start = self.start, 0
         return iter(shard[start:].tolist())
 
+    def _owners(self, world: int) -> torch.Tensor:
+        """The rank each item belongs to under the by-class split."""
+        assert self.classes is not None
+        kinds, class_index = torch.unique(self.classes, sorted=True, return_inverse=True)
+        if len(kinds) < world:
+            raise UserError(
+                f"data.partition=by_class: {len(kinds)} classes cannot be split over {world} workers: "
+                "use fewer workers or data.partition=iid"
+            )
+        return class_index % world
+
+
+PARTITIONS = ("iid", "by_class")
+
+
+def partition_classes(partition: str, classes: Sequence[int] | None) -> Sequence[int] | None:
+    """What the training sampler splits by: nothing (`iid`) or each item's class (`by_class`)."""
+    if partition not in PARTITIONS:
+        raise UserError(f"data.partition={partition} is not one of {', '.join(PARTITIONS)}")
+    if partition == "iid":
+        return None
+    if classes is None:
+        raise UserError(
+            "data.partition=by_class needs a class per item, and this data source has none "
+            "(data=hub: set data.label_key; data=image_folder: one subfolder per class)"
+        )
+    return classes
+
 
 class ResumableLoader(DataLoader):
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int, sampler: Any = None, **kwargs: Any):
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        seed: int,
+        sampler: Any = None,
+        classes: Sequence[int] | None = None,
+        **kwargs: Any,
+    ):
         assert isinstance(dataset, Sized)
         kwargs.pop("generator", None)
         super().__init__(
             dataset,
             batch_size=batch_size,
             # Lightning passes its own sampler when it rebuilds the loader (trainer.overfit_batches).
-            sampler=sampler if sampler is not None else ShardedSampler(len(dataset), seed),
+            sampler=sampler if sampler is not None else ShardedSampler(len(dataset), seed, classes),
             generator=torch.Generator().manual_seed(seed),
             **kwargs,
         )

@@ -65,6 +65,7 @@ from trainer.divergence.picture import draw_event
 from trainer.errors import DivergenceHalt, UserError
 from trainer.fsdp import clean_name, is_sharded, sum_over_shards
 from trainer.loggers import log_step
+from trainer.sync import largest_over_workers
 from trainer.tasks.base import StepReport, Task, step_data, step_report
 
 log = logging.getLogger(__name__)
@@ -176,6 +177,7 @@ class DivergenceGuard(L.Callback):
             return
         # Squared norm per parameter, of the whole parameter under FSDP (each rank holds a part of it).
         squares = sum_over_shards(trainer, torch.stack(torch._foreach_norm(grads(params))).float().square())
+        squares = largest_over_workers(trainer, squares)
         total = squares.sum().sqrt().item()  # the one read per optimizer step
         network = self._names.get(params[0], "model").split(".", 1)[0]
         series = f"grad_norm/{network}"
@@ -256,6 +258,20 @@ class DivergenceGuard(L.Callback):
             if self._rollback_pending:  # no step is under way: go back now
                 self._rollback_pending = False
                 self._rollback(trainer, pl_module)
+
+    def watch_outer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, norm: float) -> None:
+        """Local SGD / DiLoCo (trainer/sync.py): the norm of the workers' average change since the last sync,
+        the same number on every worker. A non-finite one was not applied."""
+        series = "outer/update_norm"
+        self._remember(trainer, series, norm)
+        if not math.isfinite(norm):
+            if self.enabled["nonfinite"]:
+                reason = f"the workers' average change since the last sync is {norm} (dropped)"
+                self._detect(trainer, pl_module, "nonfinite", series, reason, norm)
+            return
+        for kind, alarm in self.watch.update(series, norm, loss=False):
+            reason = f"outer update norm is {norm:.4g}, {alarm.describe()}"
+            self._detect(trainer, pl_module, kind, series, reason, norm, alarm=alarm)
 
     # -- checks -------------------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from trainer.callbacks.metrics import MetricsFile
 from trainer.errors import UserError
 from trainer.files import write_json_atomic
 from trainer.ranges import Positive
+from trainer.sync import worker_sync
 
 STRATEGIES = ("ddp", "fsdp")
 
@@ -55,6 +56,12 @@ class RayLauncher:
 
     def launch(self, cfg: DictConfig) -> dict[str, Any]:
         """Trains with Ray Train; with `mode=tune`, runs a Ray Tune sweep whose trials train that way."""
+        worker_sync(cfg.distributed)  # its settings' errors here, once, rather than in every worker
+        if self.strategy == "fsdp" and cfg.distributed.sync != "allreduce":
+            raise UserError(
+                f"distributed.sync={cfg.distributed.sync} averages whole replicas; FSDP shards them: "
+                "use launcher.strategy=ddp"
+            )
         self.connect()
         if cfg.mode == "tune":
             from trainer.sweeps.tune import tune_sweep
@@ -189,6 +196,7 @@ def _worker_main(config: dict[str, Any]) -> None:
 
     from trainer.fsdp import FSDPStrategy
     from trainer.run import train
+    from trainer.sync import DataParallelStrategy
 
     cfg = OmegaConf.create(config["cfg"])
     rank_zero_only.rank = ray.train.get_context().get_world_rank()  # before loggers are built
@@ -202,7 +210,13 @@ def _worker_main(config: dict[str, Any]) -> None:
 
         strategy = RayShardedStrategy(**cfg.distributed.fsdp)
     else:
-        strategy = RayDDPStrategy(find_unused_parameters=cfg.distributed.find_unused_parameters)
+
+        class RayDataParallel(DataParallelStrategy, RayDDPStrategy):
+            """trainer=ddp's strategy (and its distributed.sync) on the device Ray gave this worker."""
+
+        strategy = RayDataParallel(
+            sync=cfg.distributed.sync, find_unused_parameters=cfg.distributed.find_unused_parameters
+        )
 
     checkpoint = ray.train.get_checkpoint()  # set when Ray restarts the workers after a failure
     with checkpoint.as_directory() if checkpoint else nullcontext() as restored:

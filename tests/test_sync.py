@@ -1,0 +1,211 @@
+"""Local SGD and DiLoCo (trainer/sync.py) on 2 CPU processes and on Ray: the same training as all-reduce
+at H=1, H times fewer bytes at H>1, exact resume after a kill between syncs, one decision of the guard on
+every worker; and the non-IID split of the training data (`data.partition=by_class`)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, TINY_DCGAN, assert_clean_failure, cli_env, divergence_events, last_step, run_cli
+from test_own_task import run_own
+from test_resume import assert_same_training_state, last_checkpoint
+
+from trainer.data import loading
+from trainer.data.coco import CocoDetection
+from trainer.data.digit_canvases import write_digit_canvases
+from trainer.data.loading import ShardedSampler
+
+DILOCO = ["trainer=ddp_cpu", "distributed.sync=diloco"]
+
+
+def metric(run_dir: Path, name: str) -> float:
+    return json.loads((run_dir / "metrics.json").read_text())[name]["final"]
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+
+
+# -- the non-IID split -------------------------------------------------------------------------------------
+
+
+def shards(sampler: ShardedSampler, world: int, monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
+    out = []
+    for rank in range(world):
+        monkeypatch.setattr(loading, "rank_and_world", lambda rank=rank: (rank, world))
+        out.append(list(sampler))
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_by_class_gives_each_worker_its_own_classes_in_equal_counts(world: int, monkeypatch):
+    classes = torch.randint(0, 10, (997,), generator=torch.Generator().manual_seed(world)).tolist()
+    parts = shards(ShardedSampler(len(classes), seed=1, classes=classes), world, monkeypatch)
+    seen = [{classes[i] for i in part} for part in parts]
+    assert all(a.isdisjoint(b) for i, a in enumerate(seen) for b in seen[i + 1 :])  # no class on two workers
+    assert set().union(*seen) == set(range(10))  # and none left out
+    assert len({len(part) for part in parts}) == 1 and len(parts[0]) > 0  # the same number of steps
+    iid = shards(ShardedSampler(len(classes), seed=1), world, monkeypatch)
+    assert all(len({classes[i] for i in part}) == 10 for part in iid)  # iid: every worker sees every class
+
+
+def test_by_class_refuses_more_workers_than_classes(monkeypatch):
+    monkeypatch.setattr(loading, "rank_and_world", lambda: (0, 3))
+    with pytest.raises(Exception, match="2 classes cannot be split over 3 workers"):
+        list(ShardedSampler(10, seed=0, classes=[0, 1] * 5))
+
+
+def test_detection_images_take_the_class_most_of_their_boxes_have(tmp_path: Path):
+    write_digit_canvases(tmp_path, train_images=30, val_images=2, seed=0)
+    data = CocoDetection(tmp_path / "annotations" / "train.json", tmp_path / "train")
+    for index, image_class in enumerate(data.classes):
+        labels = data[index][1]["labels"].tolist()
+        if not labels:
+            assert image_class == -1
+            continue
+        top = max(labels.count(c) for c in set(labels))
+        assert image_class == min(c for c in set(labels) if labels.count(c) == top)
+
+
+def test_bad_sync_settings_fail_in_one_line(home: Path):
+    for args, fragment in (
+        (["distributed.sync=gossip"], "distributed.sync=gossip is not one of allreduce, local_sgd, diloco"),
+        (["distributed.sync=diloco"], "distributed.sync=diloco averages data-parallel workers: use trainer="),
+        (["distributed.sync=local_sgd", "distributed.sync_every=0"], "distributed.sync_every=0"),
+        (["data.partition=by_digit"], "data.partition=by_digit is not one of iid, by_class"),
+    ):
+        result = run_cli(*TINY_DCGAN, "logger=none", *args, home=home)
+        assert_clean_failure(result, fragment)
+
+
+# -- training on 2 processes -------------------------------------------------------------------------------
+
+SGD = ["task.lr=0.05", "task.momentum=0.9", "++trainer.max_steps=12", "++trainer.log_every_n_steps=1"]
+
+
+@pytest.mark.slow
+def test_h1_with_a_plain_outer_step_is_allreduce_and_h4_sends_a_quarter(tmp_path: Path, home: Path):
+    """Averaging the replicas after every step of SGD with momentum is averaging the gradients: the weights
+    agree to float rounding. Between syncs nothing is sent."""
+    runs = {
+        "allreduce": ["trainer=ddp_cpu"],
+        "h1": [*DILOCO, "distributed.sync_every=1", "distributed.outer.lr=1", "distributed.outer.momentum=0"],
+        "h4": [*DILOCO, "distributed.sync_every=4", "++trainer.limit_val_batches=0"],
+    }
+    for name, options in runs.items():
+        result = run_own(*SGD, "logger=csv", *options, f"hydra.run.dir={tmp_path / name}", home=home)
+        assert result.returncode == 0, result.stderr[-3000:]
+    allreduce, h1 = weights(tmp_path / "allreduce"), weights(tmp_path / "h1")
+    moved = sum(float((allreduce[k] - weights(tmp_path / "h4")[k]).abs().sum()) for k in allreduce)
+    assert moved > 0  # the runs differ at H=4 (a sync that did nothing would leave them equal at H=1 too)
+    for key in allreduce:
+        torch.testing.assert_close(h1[key], allreduce[key], rtol=1e-5, atol=1e-6)
+    # DDP all-reduces every gradient (one float32 per parameter) at each of the 12 steps; the replicas'
+    # parameters (the MLP has no buffers) go at every step at H=1, at every 4th at H=4.
+    parameters = sum(w.numel() for w in allreduce.values())
+    assert metric(tmp_path / "allreduce", "comm/bytes") == 12 * parameters * 4
+    assert metric(tmp_path / "h1", "comm/bytes") == 12 * parameters * 4
+    assert metric(tmp_path / "h4", "comm/bytes") == 3 * parameters * 4
+    assert metric(tmp_path / "h4", "sync/outer_step") == 3
+
+
+@pytest.mark.slow
+def test_a_diloco_run_killed_between_syncs_resumes_to_the_uninterrupted_weights(tmp_path: Path, home: Path):
+    args = [
+        *TINY_DCGAN,
+        "++trainer.max_epochs=3",
+        "callbacks.last_checkpoint.every_n_train_steps=6",  # 3 batches: between the syncs (every 8 steps)
+        *DILOCO,
+        "distributed.sync_every=8",
+        "logger=none",
+    ]
+    straight = run_cli(*args, f"hydra.run.dir={tmp_path / 'straight'}", home=home, timeout=400)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    run_dir = tmp_path / "killed"
+    job = subprocess.Popen(
+        [sys.executable, "-m", "trainer", *args, f"hydra.run.dir={run_dir}"],
+        cwd=REPO,
+        env=cli_env(home),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: both ranks die at once, as in a lost job
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not (run_dir / "checkpoints" / "last.ckpt").is_file():
+            assert job.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
+            time.sleep(0.05)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+    assert last_step(run_dir) == 6
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    sync = state["callbacks"]["WorkerSync"]
+    assert sync["synced_at"] == 0 and sync["outer_steps"] == 0 and len(sync["anchor"]) > 0  # before a sync
+    (rank1,) = state["worker_states"]  # rank 1's own weights, which differ from rank 0's between syncs
+    assert any(not torch.equal(rank1["state_dict"][k], v) for k, v in state["state_dict"].items())
+
+    resumed = run_cli(*args, f"hydra.run.dir={run_dir}", home=home, timeout=400)
+    assert resumed.returncode == 0 and "resuming from" in resumed.stderr, resumed.stderr[-3000:]
+    assert_same_training_state(last_checkpoint(tmp_path / "straight"), last_checkpoint(run_dir))
+
+
+@pytest.mark.slow
+def test_a_nan_on_one_worker_between_syncs_halts_every_worker(tmp_path: Path, home: Path):
+    """Between syncs the workers' gradients differ; the guard reads the largest, so all of them stop."""
+    run_dir = tmp_path / "run"
+    result = run_cli(
+        *TINY_DCGAN,
+        *DILOCO,
+        "distributed.sync_every=50",
+        "divergence.inject.step=3",
+        "divergence.inject.rank=1",
+        f"hydra.run.dir={run_dir}",
+        "logger=none",
+        home=home,
+        timeout=300,
+    )
+    assert result.returncode != 0
+    assert "error: divergence at step 3: non-finite gradients in discriminator" in result.stderr
+    keys = ("step", "detector", "action", "series")
+    rank0, rank1 = ([{k: e[k] for k in keys} for e in divergence_events(run_dir, rank)] for rank in (0, 1))
+    assert rank0 == rank1 and rank0[0]["step"] == 3 and rank0[0]["action"] == "halt"
+
+
+@pytest.mark.slow
+def test_ray_trains_the_detector_with_diloco_to_a_checkpoint_that_resumes(tmp_path: Path, home: Path):
+    run_dir = tmp_path / "run"
+    args = [
+        "+exp=detector",
+        "launcher=ray",
+        "launcher.num_workers=2",
+        "distributed.sync=diloco",
+        "distributed.sync_every=3",
+        "data.partition=by_class",
+        "data.canvases.train_images=96",
+        "data.canvases.val_images=8",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "++trainer.limit_val_batches=1",
+        "++trainer.log_every_n_steps=1",
+        "++trainer.enable_progress_bar=false",
+        f"hydra.run.dir={run_dir}",
+    ]
+    first = run_cli(*args, "++trainer.max_epochs=1", home=home, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    steps = last_step(run_dir)  # each worker's batches of the images of its classes (the smaller share)
+    assert 2 <= steps < 96 // 16 // 2 + 1
+    syncs = -(-steps // 3)  # every 3 steps, and at the end
+    assert metric(run_dir, "sync/outer_step") == syncs
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["callbacks"]["WorkerSync"]["outer"]["state"] and len(state["worker_states"]) == 1
+
+    again = run_cli(*args, "++trainer.max_epochs=2", home=home, timeout=600)
+    assert again.returncode == 0 and "resuming from" in again.stdout + again.stderr, again.stderr[-3000:]
+    assert last_step(run_dir) == 2 * steps and metric(run_dir, "sync/outer_step") == 2 * syncs
