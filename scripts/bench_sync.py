@@ -1,0 +1,106 @@
+"""DiLoCo (distributed.sync=diloco, H=50) against all-reduce on Ray workers: bytes each worker sends, wall
+time with the link between nodes modelled at 1 and 10 Gbit/s, and the final metric.
+
+Each run is `python -m trainer +exp=<exp> launcher=ray ...` as a user runs it, both modes in the same
+session on the same machine. Bytes are counted by the run itself (`comm/bytes`: what one worker put into
+all-reduces of gradients or parameters; the guard's few scalars per step are left out). A ring all-reduce
+of B bytes over N workers sends 2 (N - 1) / N * B per worker over its link; that time is added to the
+measured wall time, in which the workers share this one machine and their "link" costs next to nothing.
+Validation runs once, at the end (`val_every` below): every validation is also a sync, so frequent ones
+would sync more often than every H steps.
+
+    python scripts/bench_sync.py [--exps detector qa] [--workers 2 4] [--sync-every 50] [--out DIR]
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+METRIC = {"detector": "val/AP50", "qa": "val/f1"}
+VALIDATE_AT_THE_END = {
+    "detector": ["++trainer.check_val_every_n_epoch=12"],  # its 12 epochs
+    "qa": ["trainer.val_check_interval=1.0"],  # its one epoch
+}
+LINKS_GBIT = (1, 10)
+
+
+def run(exp: str, workers: int, sync: list[str], out: Path) -> dict[str, Any]:
+    run_dir = out / f"{exp}-{workers}w-{'-'.join(s.split('=')[1] for s in sync)}"
+    args = [
+        f"+exp={exp}",
+        "launcher=ray",
+        f"launcher.num_workers={workers}",
+        f"launcher.resources_per_worker.CPU={2 / workers}",  # oversubscribed on a 2-core machine
+        *sync,
+        *VALIDATE_AT_THE_END[exp],
+        "logger=csv",
+        "++trainer.enable_progress_bar=false",
+        f"hydra.run.dir={run_dir}",
+    ]
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "trainer", *args], cwd=REPO, capture_output=True, text=True)
+    seconds = time.monotonic() - started
+    if done.returncode != 0:
+        raise SystemExit(f"{run_dir.name} failed:\n{done.stderr[-3000:]}")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    sent = metrics["comm/bytes"]["final"]
+    on_the_link = 2 * (workers - 1) / workers * sent
+    return {
+        "exp": exp,
+        "workers": workers,
+        "sync": " ".join(sync),
+        "metric": METRIC[exp],
+        "final": metrics[METRIC[exp]]["final"],
+        "bytes": sent,
+        "link_bytes": on_the_link,
+        "outer_steps": metrics.get("sync/outer_step", {}).get("final"),
+        "wall_s": seconds,
+        **{f"wall_s_{g}gbit": seconds + on_the_link * 8 / (g * 1e9) for g in LINKS_GBIT},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--exps", nargs="+", default=["detector", "qa"], choices=sorted(METRIC))
+    parser.add_argument("--workers", nargs="+", type=int, default=[2, 4])
+    parser.add_argument("--sync-every", type=int, default=50)
+    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench_sync")
+    args = parser.parse_args()
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    modes = {
+        "allreduce": ["distributed.sync=allreduce"],
+        "diloco": ["distributed.sync=diloco", f"distributed.sync_every={args.sync_every}"],
+    }
+    rows = []
+    for exp in args.exps:
+        for workers in args.workers:
+            pair = {name: run(exp, workers, sync, args.out) for name, sync in modes.items()}
+            rows.append(pair)
+            (args.out / "results.json").write_text(json.dumps(rows, indent=2))
+            print(table_row(pair["allreduce"], pair["diloco"]), flush=True)
+
+
+def table_row(base: dict[str, Any], local: dict[str, Any]) -> str:
+    """exp | workers | metric: all-reduce -> DiLoCo | bytes per worker | wall time: here, 1, 10 Gbit/s"""
+    keys = ("wall_s", *(f"wall_s_{g}gbit" for g in LINKS_GBIT))
+    walls = [f"{base[key]:.0f} -> {local[key]:.0f} s" for key in keys]
+    less = base["bytes"] / local["bytes"]
+    cells = [
+        base["exp"],
+        str(base["workers"]),
+        f"{base['metric']} {base['final']:.4f} -> {local['final']:.4f} "
+        f"({(local['final'] / base['final'] - 1) * 100:+.1f}%)",
+        f"{base['bytes'] / 2**20:.1f} -> {local['bytes'] / 2**20:.2f} MiB ({less:.0f}x less)",
+        *walls,
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+if __name__ == "__main__":
+    main()
