@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -82,6 +84,27 @@ def run_cli(
         text=True,
         timeout=timeout,
     )
+
+
+def kill_at_first_checkpoint(*args: str, run_dir: Path, home: Path) -> None:
+    """Starts `python -m trainer` and kills the whole job (every rank at once, as when a node is lost) as
+    soon as its first last.ckpt is written."""
+    job = subprocess.Popen(
+        [sys.executable, "-m", "trainer", *args, f"hydra.run.dir={run_dir}"],
+        cwd=REPO,
+        env=cli_env(home),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not (run_dir / "checkpoints" / "last.ckpt").is_file():
+            assert job.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
+            time.sleep(0.05)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
 
 
 def run_replay(bundle: Path, home: Path, cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -1,16 +1,11 @@
 """FSDP on 2 CPU processes (gloo): the same training as DDP, whole-model numbers for the guard and the
 monitor, checkpoints that resume under FSDP and on one plain process, and bundles that replay."""
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY_DCGAN, cli_env, divergence_events, last_step, run_cli, run_replay
+from conftest import TINY_DCGAN, divergence_events, kill_at_first_checkpoint, last_step, run_cli, run_replay
 from test_resume import assert_same_training_state, last_checkpoint
 from wandb_offline import find_runs, read_run
 
@@ -112,22 +107,7 @@ def test_an_fsdp_run_killed_mid_epoch_resumes_to_the_weights_of_an_uninterrupted
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     run_dir = tmp_path / "killed"
-    job = subprocess.Popen(
-        [sys.executable, "-m", "trainer", *args, f"hydra.run.dir={run_dir}"],
-        cwd=REPO,
-        env=cli_env(home),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # its own process group: both ranks die at once, as in a lost job
-    )
-    try:
-        deadline = time.monotonic() + 300
-        while not (run_dir / "checkpoints" / "last.ckpt").is_file():
-            assert job.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
-            time.sleep(0.05)
-    finally:
-        os.killpg(job.pid, signal.SIGKILL)
-        job.wait()
+    kill_at_first_checkpoint(*args, run_dir=run_dir, home=home)
     assert last_step(run_dir) == 8  # killed after its first, mid-epoch checkpoint
 
     resumed = run_cli(*args, f"hydra.run.dir={run_dir}", home=home, timeout=400)

@@ -3,16 +3,18 @@ at H=1, H times fewer bytes at H>1, exact resume after a kill between syncs, one
 every worker; and the non-IID split of the training data (`data.partition=by_class`)."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY_DCGAN, assert_clean_failure, cli_env, divergence_events, last_step, run_cli
+from conftest import (
+    TINY_DCGAN,
+    assert_clean_failure,
+    divergence_events,
+    kill_at_first_checkpoint,
+    last_step,
+    run_cli,
+)
 from test_own_task import run_own
 from test_resume import assert_same_training_state, last_checkpoint
 
@@ -133,22 +135,7 @@ def test_a_diloco_run_killed_between_syncs_resumes_to_the_uninterrupted_weights(
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     run_dir = tmp_path / "killed"
-    job = subprocess.Popen(
-        [sys.executable, "-m", "trainer", *args, f"hydra.run.dir={run_dir}"],
-        cwd=REPO,
-        env=cli_env(home),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # its own process group: both ranks die at once, as in a lost job
-    )
-    try:
-        deadline = time.monotonic() + 300
-        while not (run_dir / "checkpoints" / "last.ckpt").is_file():
-            assert job.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
-            time.sleep(0.05)
-    finally:
-        os.killpg(job.pid, signal.SIGKILL)
-        job.wait()
+    kill_at_first_checkpoint(*args, run_dir=run_dir, home=home)
     assert last_step(run_dir) == 6
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     sync = state["callbacks"]["WorkerSync"]
