@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 REPO = Path(__file__).resolve().parent.parent
 METRIC = {"detector": "val/AP50", "qa": "val/f1"}
 VALIDATE_AT_THE_END = {
@@ -48,18 +50,23 @@ def run(exp: str, workers: int, sync: list[str], out: Path) -> dict[str, Any]:
     seconds = time.monotonic() - started
     if done.returncode != 0:
         raise SystemExit(f"{run_dir.name} failed:\n{done.stderr[-3000:]}")
+    return {"exp": exp, "workers": workers, "sync": " ".join(sync), **measure(run_dir, exp, workers, seconds)}
+
+
+def measure(run_dir: Path, exp: str, workers: int, seconds: float) -> dict[str, Any]:
+    """The final metric, and the bytes and outer steps of the whole run from its last checkpoint (the
+    logged `comm/bytes` stops at the last logging step, before the final sync)."""
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    sent = metrics["comm/bytes"]["final"]
-    on_the_link = 2 * (workers - 1) / workers * sent
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    sync = state["callbacks"]["WorkerSync"]
+    on_the_link = 2 * (workers - 1) / workers * sync["bytes_sent"]
     return {
-        "exp": exp,
-        "workers": workers,
-        "sync": " ".join(sync),
         "metric": METRIC[exp],
         "final": metrics[METRIC[exp]]["final"],
-        "bytes": sent,
+        "bytes": sync["bytes_sent"],
         "link_bytes": on_the_link,
-        "outer_steps": metrics.get("sync/outer_step", {}).get("final"),
+        "steps": state["global_step"],
+        "outer_steps": sync.get("outer_steps"),
         "wall_s": seconds,
         **{f"wall_s_{g}gbit": seconds + on_the_link * 8 / (g * 1e9) for g in LINKS_GBIT},
     }

@@ -4,8 +4,9 @@ DiLoCo) for workers joined by slow links.
 `distributed.sync`:
 - `allreduce`: DDP; the gradients are averaged at every optimizer step (within a node, the right choice).
 - `local_sgd`: each worker trains its own replica, without any gradient exchange; every `sync_every` (H)
-  optimizer steps the replicas' parameters and floating-point buffers (BatchNorm statistics) are averaged:
-  federated averaging / local SGD. H times fewer bytes than all-reduce.
+  optimizer steps the replicas' parameters, floating-point buffers (BatchNorm statistics) and frozen
+  parameters (a DQN's target network) are averaged: federated averaging / local SGD. H times fewer bytes
+  than all-reduce.
 - `diloco`: the same rhythm, but the average change since the last sync is an outer gradient, which an outer
   optimizer (SGD with Nesterov momentum) applies to the last synchronised parameters (DiLoCo, Douillard et
   al. 2023). With an outer learning rate of 1 and no momentum it is local SGD.
@@ -123,15 +124,17 @@ class WorkerSync(L.Callback):
         self.outer: torch.optim.SGD | None = None
         self._loaded: dict[str, Any] | None = None  # the state of a resumed run, until training starts
         self._rejoin = False
+        self._resumed_bytes = 0
+        self._strategy: Any = None
 
     @property
     def local_updates(self) -> bool:
         return self.sync != "allreduce"
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        strategy = self._strategy = trainer.strategy
         if stage != "fit" or not self.local_updates:
             return
-        strategy = trainer.strategy
         if not (isinstance(strategy, DataParallelStrategy) and strategy.sync == self.sync):
             raise UserError(
                 f"distributed.sync={self.sync} averages data-parallel workers: use trainer=ddp or ddp_cpu, "
@@ -142,10 +145,12 @@ class WorkerSync(L.Callback):
     # -- when the workers meet ------------------------------------------------------------------------
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if isinstance(trainer.strategy, DataParallelStrategy):
+            trainer.strategy.bytes_sent = self._resumed_bytes  # the count goes on over a resume
         if not self.local_updates or trainer.world_size == 1:
             return
         if self._loaded is None:  # a fresh run: every replica starts from rank 0's weights, as DDP's do
-            for tensor in _params(pl_module) + _float_buffers(pl_module):
+            for tensor in _params(pl_module) + _averaged_state(pl_module):
                 dist.broadcast(tensor.data, src=0)
             self.synced_at = trainer.global_step
             self._start_outer(_params(pl_module))
@@ -182,9 +187,9 @@ class WorkerSync(L.Callback):
 
     def synchronise(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Averages the replicas (local SGD) or applies their average change through the outer optimizer
-        (DiLoCo); float buffers are averaged in both. One all-reduce."""
+        (DiLoCo); buffers and frozen parameters are averaged in both. One all-reduce."""
         strategy: DataParallelStrategy = trainer.strategy  # type: ignore[assignment]
-        params, buffers = _params(pl_module), _float_buffers(pl_module)
+        params, buffers = _params(pl_module), _averaged_state(pl_module)
         averaged = strategy.all_reduce_mean(params + buffers)
         mean_params, mean_buffers = averaged[: len(params)], averaged[len(params) :]
         # The outer gradient: from the last synchronised parameters to where the workers went, on average.
@@ -218,35 +223,33 @@ class WorkerSync(L.Callback):
                 self.anchor, lr=self.outer_lr, momentum=self.outer_momentum, nesterov=self.nesterov
             )
 
+    def _bytes_sent(self) -> int:
+        return self._strategy.bytes_sent if isinstance(self._strategy, DataParallelStrategy) else 0
+
     def _log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        strategy = trainer.strategy
-        if isinstance(strategy, DataParallelStrategy):
-            pl_module.log("comm/bytes", float(strategy.bytes_sent))
+        if isinstance(trainer.strategy, DataParallelStrategy):
+            pl_module.log("comm/bytes", float(self._bytes_sent()))
         if self.local_updates:
             pl_module.log("sync/outer_step", float(self.outer_steps))
 
     # -- checkpoints ----------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        if not self.local_updates:
-            return {}
-        return {
-            "sync": self.sync,
-            "synced_at": self.synced_at,
-            "outer_steps": self.outer_steps,
-            "anchor": [a.detach() for a in self.anchor],
-            "outer": self.outer.state_dict() if self.outer is not None else None,
-        }
+        state: dict[str, Any] = {"sync": self.sync, "bytes_sent": self._bytes_sent()}
+        if self.local_updates:
+            state.update(
+                synced_at=self.synced_at,
+                outer_steps=self.outer_steps,
+                anchor=[a.detach() for a in self.anchor],
+                outer=self.outer.state_dict() if self.outer is not None else None,
+            )
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not self.local_updates or not state:
-            return
-        if state["sync"] != self.sync:
-            raise UserError(
-                f"the checkpoint was written with distributed.sync={state['sync']}, this run has "
-                f"{self.sync}: resume with distributed.sync={state['sync']} (or resume=never)"
-            )
-        self.synced_at, self.outer_steps, self._loaded = state["synced_at"], state["outer_steps"], state
+        self._resumed_bytes = state.get("bytes_sent", 0)
+        # Another mode than the checkpoint's (all-reduce first, DiLoCo after): it starts from the weights.
+        if self.local_updates and state.get("sync") == self.sync:
+            self.synced_at, self.outer_steps, self._loaded = state["synced_at"], state["outer_steps"], state
 
     def on_save_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
@@ -304,5 +307,8 @@ def _params(module: nn.Module) -> list[torch.Tensor]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
-def _float_buffers(module: nn.Module) -> list[torch.Tensor]:
-    return [b for b in module.buffers() if b.is_floating_point()]
+def _averaged_state(module: nn.Module) -> list[torch.Tensor]:
+    """What the workers average as it is, without the outer optimizer: float buffers (BatchNorm statistics)
+    and parameters that are not trained by gradients (a DQN's target network)."""
+    frozen = [p for p in module.parameters() if not p.requires_grad and p.is_floating_point()]
+    return frozen + [b for b in module.buffers() if b.is_floating_point()]
