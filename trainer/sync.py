@@ -208,10 +208,10 @@ class WorkerSync(L.Callback):
             self.outer_steps += 1
         with torch.no_grad():  # a non-finite round is dropped: every worker goes back to the last sync
             torch._foreach_copy_(params, [a.data.to(p.dtype) for a, p in zip(self.anchor, params)])
-        self.synced_at = trainer.global_step
+        local_steps, self.synced_at = trainer.global_step - self.synced_at, trainer.global_step
         guard = next((cb for cb in trainer.callbacks if hasattr(cb, "watch_outer_step")), None)
         if guard is not None:
-            guard.watch_outer_step(trainer, pl_module, norm)
+            guard.watch_outer_step(trainer, pl_module, norm, local_steps)
         elif not math.isfinite(norm):
             log.warning(f"step {trainer.global_step}: the workers' average change is {norm}; dropped it")
 

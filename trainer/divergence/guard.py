@@ -259,19 +259,23 @@ class DivergenceGuard(L.Callback):
                 self._rollback_pending = False
                 self._rollback(trainer, pl_module)
 
-    def watch_outer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, norm: float) -> None:
+    def watch_outer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, norm: float, local_steps: int
+    ) -> None:
         """Local SGD / DiLoCo (trainer/sync.py): the norm of the workers' average change since the last sync,
-        the same number on every worker. A non-finite one was not applied."""
-        series = "outer/update_norm"
-        self._remember(trainer, series, norm)
+        the same number on every worker; a non-finite one was not applied. Syncs before a validation come
+        after fewer steps than H, so what the spike detector compares is the change per local step."""
+        series = "outer/change_per_step"
+        per_step = norm / max(1, local_steps)
+        self._remember(trainer, series, per_step)
         if not math.isfinite(norm):
             if self.enabled["nonfinite"]:
                 reason = f"the workers' average change since the last sync is {norm} (dropped)"
                 self._detect(trainer, pl_module, "nonfinite", series, reason, norm)
             return
-        for kind, alarm in self.watch.update(series, norm, loss=False):
-            reason = f"outer update norm is {norm:.4g}, {alarm.describe()}"
-            self._detect(trainer, pl_module, kind, series, reason, norm, alarm=alarm)
+        for kind, alarm in self.watch.update(series, per_step, loss=False):
+            reason = f"the workers' average change per local step is {per_step:.4g}, {alarm.describe()}"
+            self._detect(trainer, pl_module, kind, series, reason, per_step, alarm=alarm)
 
     # -- checks -------------------------------------------------------------------------------------
 
