@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_clean_failure, compose_config, run_cli
+from conftest import assert_clean_failure, compose_config, last_step, run_cli
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
@@ -397,3 +397,22 @@ def test_a_poisoned_detector_batch_halts_and_replays(tmp_path):
         train(cfg)
     reproduced, probe, _ = replay(str(run_dir / "divergence" / "step000002-nonfinite"))
     assert reproduced and probe.first_nonfinite_output == "detector.backbone.0.0"  # the batch's first layer
+
+
+@pytest.mark.slow
+def test_resuming_with_more_epochs_than_the_schedule_was_planned_for_fails_in_one_line(
+    tmp_path: Path, home: Path
+):
+    run_dir = tmp_path / "run"
+    args = [
+        "+exp=detector",
+        *SMALL_CANVASES,
+        f"data.cache_dir={tmp_path}",
+        "logger=none",
+        f"hydra.run.dir={run_dir}",
+    ]
+    first = run_cli(*args, "++trainer.max_epochs=1", home=home)
+    assert first.returncode == 0, first.stderr[-3000:]
+    longer = run_cli(*args, "++trainer.max_epochs=2", home=home)
+    assert_clean_failure(longer, "learning-rate schedule (OneCycleLR) ends at step 4 and this run asks for 8")
+    assert last_step(run_dir) == 4  # the checkpoint is untouched

@@ -23,6 +23,7 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.apply_func import apply_to_collection
 
+from trainer.errors import UserError
 from trainer.fsdp import clip_grad_norm_over_shards, is_sharded
 from trainer.loggers import is_logging_step
 
@@ -108,6 +109,19 @@ class Task(L.LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self.step_report = self.step_data = None  # a step that reports nothing must not show the last one's
+
+    def on_train_start(self) -> None:
+        # A resumed schedule keeps the length it was planned for (OneCycleLR's total_steps): a run resumed
+        # with a larger max_epochs or max_steps would crash when the schedule ends.
+        wanted = self.trainer.estimated_stepping_batches
+        for config in self.trainer.lr_scheduler_configs:
+            planned = getattr(config.scheduler, "total_steps", None)
+            if isinstance(planned, int) and wanted > planned:
+                raise UserError(
+                    f"the checkpoint's learning-rate schedule ({type(config.scheduler).__name__}) ends at "
+                    f"step {planned} and this run asks for {int(wanted)}: resume with the first run's "
+                    "trainer.max_epochs and trainer.max_steps, or start a new run (resume=never)"
+                )
 
     def train_on(self, data: Any) -> None:
         self.step_data = data
