@@ -166,9 +166,18 @@ def check_exp(name: str, device: list[str], tiny: bool, batches: int, scratch: P
     last = run_dir / "checkpoints" / "last.ckpt"
     resumed_dir = scratch / f"{name}-cpu"
     try:
-        step = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
-        # Two more batches; max_epochs lifted, as a run stopped mid-epoch counts that epoch as done.
-        resume = [*(small if tiny else gpu_size), *CPU, *CPU_DATA, "++trainer.max_epochs=1000"]
+        state = torch.load(last, map_location="cpu", weights_only=True)
+        step = state["global_step"]
+        # Two more batches; max_epochs lifted, as a run stopped mid-epoch counts that epoch as done, and
+        # max_steps within the length a one-cycle schedule was planned for (a longer run is refused).
+        planned = [s["total_steps"] for s in state.get("lr_schedulers", []) if "total_steps" in s]
+        resume = [
+            *(small if tiny else gpu_size),
+            *CPU,
+            *CPU_DATA,
+            "++trainer.max_epochs=1000",
+            *([f"++trainer.max_steps={min(planned)}"] if planned else []),
+        ]
         cpu_clock, _ = run(resume, resumed_dir, 2, ckpt_path=str(last))
         after = torch.load(resumed_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
         row["resumes_on_cpu"] = after > step and len(cpu_clock.starts) == 2
