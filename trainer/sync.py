@@ -38,13 +38,17 @@ log = logging.getLogger(__name__)
 SyncMode = Literal["allreduce", "local_sgd", "diloco"]
 
 
+def check_mode(sync: str) -> None:
+    if sync not in get_args(SyncMode):
+        raise UserError(f"distributed.sync={sync} is not one of {', '.join(get_args(SyncMode))}")
+
+
 class DataParallelStrategy(DDPStrategy):
     """Lightning's DDP strategy, which in `local_sgd` and `diloco` leaves the model unwrapped (no gradient
     all-reduce; `WorkerSync` averages the replicas) and in `allreduce` counts the bytes DDP all-reduces."""
 
     def __init__(self, sync: SyncMode = "allreduce", **kwargs: Any):
-        if sync not in get_args(SyncMode):
-            raise UserError(f"distributed.sync={sync} is not one of {', '.join(get_args(SyncMode))}")
+        check_mode(sync)
         super().__init__(**kwargs)
         self.sync = sync
         self.bytes_sent = 0  # what this worker put into all-reduces of model state
@@ -106,8 +110,7 @@ class WorkerSync(L.Callback):
         outer_momentum: float = 0.9,
         nesterov: bool = True,
     ):
-        if sync not in get_args(SyncMode):
-            raise UserError(f"distributed.sync={sync} is not one of {', '.join(get_args(SyncMode))}")
+        check_mode(sync)
         if sync_every < 1:
             raise UserError(f"distributed.sync_every={sync_every}: workers must meet every 1 or more steps")
         if sync == "diloco" and not (outer_lr > 0 and 0 <= outer_momentum < 1):
@@ -282,15 +285,9 @@ class WorkerSync(L.Callback):
 
 
 def worker_sync(settings: DictConfig) -> WorkerSync:
-    """The `distributed` config node's sync settings as the callback."""
-    outer = settings.get("outer") or {}
-    return WorkerSync(
-        sync=settings.get("sync", "allreduce"),
-        sync_every=settings.get("sync_every", 50),
-        outer_lr=outer.get("lr", 0.7),
-        outer_momentum=outer.get("momentum", 0.9),
-        nesterov=outer.get("nesterov", True),
-    )
+    """The `distributed` config node's sync settings (conf/config.yaml) as the callback."""
+    outer = settings.outer
+    return WorkerSync(settings.sync, settings.sync_every, outer.lr, outer.momentum, outer.nesterov)
 
 
 def largest_over_workers(trainer: L.Trainer, values: torch.Tensor) -> torch.Tensor:
