@@ -200,7 +200,6 @@ def one_box_data(tmp_path, **kwargs) -> CocoDetection:
 
 
 def test_flips_and_resizes_keep_boxes_on_their_objects(tmp_path):
-    random.seed(0)
     data = one_box_data(tmp_path, sizes=(80,), hflip=1.0)
     image, target = data[0]
     assert image.shape == (3, 40, 80) and target["labels"].tolist() == [0]
@@ -214,6 +213,19 @@ def test_flips_and_resizes_keep_boxes_on_their_objects(tmp_path):
     assert brightness[5:15, 63:77].sum() == pytest.approx(brightness.sum())  # the blur spreads 1 px at most
     images, targets = collate([data[0], one_box_data(tmp_path)[0]])
     assert [i.shape[-1] for i in images] == [80, 40] and len(targets) == 2
+
+
+def test_augmentations_follow_the_items_seed_and_leave_the_global_rng_alone(tmp_path):
+    data = one_box_data(tmp_path, sizes=(40, 60, 80), hflip=0.5, jitter=0.3)
+    global_state = torch.get_rng_state(), random.getstate()
+    draws = {seed: data[(0, seed)] for seed in range(12)}
+    assert torch.equal(global_state[0], torch.get_rng_state()) and global_state[1] == random.getstate()
+    for seed, (image, target) in draws.items():  # the same key, the same image and boxes
+        again, again_target = data[(0, seed)]
+        assert torch.equal(image, again) and torch.equal(target["boxes"], again_target["boxes"])
+    widths = {image.shape[-1] for image, _ in draws.values()}
+    flipped = {target["boxes"][0, 0].item() / image.shape[-1] > 0.5 for image, target in draws.values()}
+    assert widths == {40, 60, 80} and flipped == {True, False}  # other seeds, other draws
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""A resumed DCGAN continues exactly: N steps straight give the same weights as N/2 + resume + N/2."""
+"""A resumed run continues exactly: N steps straight give the same weights as N/2 + resume + N/2."""
 
 from pathlib import Path
 
@@ -12,6 +12,29 @@ from trainer.callbacks.last_checkpoint import LastCheckpoint
 from trainer.run import train
 
 FAST = [*TINY_DCGAN, "logger=none", "~callbacks.gradients"]
+# Random augmentations on every image (jitter by default, and flips and resizes here), 4 batches an epoch.
+TINY_DETECTOR = [
+    "+exp=detector",
+    "data.canvases.train_images=64",
+    "data.canvases.val_images=16",
+    "data.sizes=[80,96,112]",
+    "data.hflip=0.5",
+    "++trainer.limit_val_batches=1",
+    "++trainer.enable_progress_bar=false",
+    "logger=none",
+    "~callbacks.gradients",
+]
+# Dropout, a linear warm-up schedule and validation within each epoch.
+TINY_QA = [
+    "+exp=qa",
+    "data.facts.train_paragraphs=40",
+    "data.batch_size=8",
+    "++trainer.limit_train_batches=4",
+    "++trainer.limit_val_batches=1",
+    "++trainer.enable_progress_bar=false",
+    "logger=none",
+    "~callbacks.gradients",
+]
 
 
 class CrashAfterBatch(L.Callback):
@@ -25,8 +48,8 @@ class CrashAfterBatch(L.Callback):
             raise SystemExit("simulated crash")
 
 
-def fit(run_dir: Path, *overrides: str, crash_after: int | None = None) -> None:
-    cfg = compose_config(*FAST, *overrides, run_dir=run_dir)
+def fit(run_dir: Path, *overrides: str, crash_after: int | None = None, exp: list[str] = FAST) -> None:
+    cfg = compose_config(*exp, *overrides, run_dir=run_dir)
     if crash_after:
         with open_dict(cfg):
             cfg.callbacks.crash = {"_target_": f"{__name__}.CrashAfterBatch", "batches": crash_after}
@@ -45,6 +68,7 @@ def assert_same_training_state(a: dict, b: dict) -> None:
     for key in a["state_dict"]:
         assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
     for opt_a, opt_b in zip(a["optimizer_states"], b["optimizer_states"], strict=True):
+        assert opt_a["state"], "no optimizer state to compare"
         for param, state in opt_a["state"].items():
             assert torch.equal(state["exp_avg_sq"], opt_b["state"][param]["exp_avg_sq"])
 
@@ -70,12 +94,25 @@ def test_resume_at_an_epoch_boundary_with_max_steps_trains_the_whole_next_epoch(
     assert last_checkpoint(tmp_path / "run")["global_step"] == 16  # 2 epochs x 4 batches x 2 optimizers
 
 
-def test_resume_mid_epoch_after_a_crash_gives_identical_weights(tmp_path: Path) -> None:
-    every_5_batches = "callbacks.last_checkpoint.every_n_train_steps=10"  # 2 optimizer steps per batch
-    fit(tmp_path / "straight", "++trainer.max_epochs=2")
-    fit(tmp_path / "resumed", "++trainer.max_epochs=2", every_5_batches, crash_after=7)
-    assert last_checkpoint(tmp_path / "resumed")["global_step"] == 10  # batch 5 of 8, mid-epoch 2
-    fit(tmp_path / "resumed", "++trainer.max_epochs=2", every_5_batches)
+@pytest.mark.parametrize(
+    "exp, steps_per_batch",
+    [
+        (FAST, 2),
+        pytest.param(TINY_DETECTOR, 1, marks=pytest.mark.slow),
+        pytest.param(TINY_QA, 1, marks=pytest.mark.slow),
+    ],
+    ids=["dcgan", "detector", "qa"],
+)
+def test_resume_mid_epoch_after_a_crash_gives_identical_weights(
+    exp: list[str], steps_per_batch: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # generated data sets, written once
+    every_5_batches = f"callbacks.last_checkpoint.every_n_train_steps={5 * steps_per_batch}"
+    fit(tmp_path / "straight", "++trainer.max_epochs=2", exp=exp)
+    fit(tmp_path / "resumed", "++trainer.max_epochs=2", every_5_batches, crash_after=7, exp=exp)
+    resumed = last_checkpoint(tmp_path / "resumed")
+    assert resumed["global_step"] == 5 * steps_per_batch  # batch 5 of 8, mid-epoch 2
+    fit(tmp_path / "resumed", "++trainer.max_epochs=2", every_5_batches, exp=exp)
     assert_same_training_state(last_checkpoint(tmp_path / "straight"), last_checkpoint(tmp_path / "resumed"))
 
 

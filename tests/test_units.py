@@ -77,6 +77,40 @@ def test_loader_resumes_mid_epoch_with_the_unseen_batches() -> None:
     assert len(list(fresh)) == 6  # the skip applies once; the next epoch is whole
 
 
+def test_item_seeds_depend_on_seed_epoch_and_item_and_survive_a_mid_epoch_resume() -> None:
+    def keys(loader: ResumableLoader) -> list[tuple[int, int]]:
+        return [(int(i), int(s)) for indices, seeds in loader for i, s in zip(indices, seeds, strict=True)]
+
+    data = KeyEcho(24)
+    loader = ResumableLoader(data, batch_size=4, seed=7, item_seeds=True)
+    first = keys(loader)
+    assert keys(loader) == first and len({s for _, s in first}) == 24
+    loader.sampler.set_epoch(1)
+    seed_of = dict(first)
+    assert all(seed_of[i] != s for i, s in keys(loader))  # each item draws anew in each epoch
+    loader.sampler.set_epoch(0)
+    it = iter(loader)
+    next(it), next(it)
+    resumed = ResumableLoader(data, batch_size=4, seed=7, item_seeds=True)
+    resumed.load_state_dict(loader.state_dict())
+    assert keys(resumed) == first[8:]
+    other_seed = ResumableLoader(data, batch_size=4, seed=8, item_seeds=True)
+    assert not set(seed_of.values()) & {s for _, s in keys(other_seed)}
+
+
+class KeyEcho(torch.utils.data.Dataset):
+    """Returns the key it is asked for: (index, seed) from a sampler with item seeds."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[int, int]:
+        return key
+
+
 def test_loader_ignores_a_finished_epoch() -> None:
     loader = ResumableLoader(torch.arange(8), batch_size=4, seed=0)
     loader.load_state_dict({"epoch": 0, "batches_yielded": 2})

@@ -27,6 +27,7 @@ from trainer.callbacks.rng import RNGState
 from trainer.checkpoint import SafeCheckpointIO, resume_checkpoint
 from trainer.config import build
 from trainer.console import setup_logging
+from trainer.data.loading import LoaderPosition
 from trainer.divergence.guard import divergence_callbacks
 from trainer.divergence.lr_find import LRRangeTest, lr_find_config
 from trainer.errors import DivergenceHalt, Preempted, UserError
@@ -175,7 +176,7 @@ def build_trainer(
         cfg.trainer,
         "trainer",
         default_root_dir=str(run_dir),
-        callbacks=[*callbacks, metrics_file, RNGState(cfg.seed)],
+        callbacks=[*callbacks, metrics_file, RNGState(cfg.seed), LoaderPosition()],
         logger=loggers or False,
         plugins=[
             SafeCheckpointIO(expected_shapes={k: v.shape for k, v in module.state_dict().items()}),

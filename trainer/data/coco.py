@@ -6,7 +6,6 @@ detection contract: xyxy boxes in pixels and labels 0..K-1 (the categories in id
 """
 
 import json
-import random
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +83,9 @@ class CocoDetection(Dataset):
     """(image in [0, 1], 3 x H x W; target with boxes, labels, image_id) per image of a COCO file.
 
     Training augmentations keep the boxes right: a horizontal flip with probability `hflip`, a resize of
-    the longer side to a random size in `sizes`, and brightness/contrast jitter of up to `jitter`.
+    the longer side to a random size in `sizes`, and brightness/contrast jitter of up to `jitter`. They draw
+    from a generator seeded by the key: `(index, seed)` from the training sampler (trainer/data/loading.py),
+    or the index alone; never from the global RNG, so a resumed run augments as an uninterrupted one.
     """
 
     def __init__(
@@ -124,7 +125,8 @@ class CocoDetection(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, Target]:
+        index, seed = key if isinstance(key, tuple) else (key, key)
         info = self.images[index]
         path = self.image_dir / info["file_name"]
         try:
@@ -140,29 +142,32 @@ class CocoDetection(Dataset):
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, image.width)
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, image.height)
         labels = torch.tensor([self.label_of[a["category_id"]] for a in annotations], dtype=torch.long)
-        image, boxes = self.augment(image, boxes)
+        draws = torch.Generator().manual_seed(seed)
+        image, boxes = self.augment(image, boxes, draws)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
         if self.jitter:
-            pixels = jitter_colours(pixels, self.jitter)
+            pixels = jitter_colours(pixels, self.jitter, draws)
         return pixels, {"boxes": boxes, "labels": labels, "image_id": torch.tensor(info["id"])}
 
-    def augment(self, image: Image.Image, boxes: torch.Tensor) -> tuple[Image.Image, torch.Tensor]:
-        if self.hflip and random.random() < self.hflip:
+    def augment(
+        self, image: Image.Image, boxes: torch.Tensor, draws: torch.Generator
+    ) -> tuple[Image.Image, torch.Tensor]:
+        if self.hflip and torch.rand((), generator=draws) < self.hflip:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             boxes = torch.stack(
                 [image.width - boxes[:, 2], boxes[:, 1], image.width - boxes[:, 0], boxes[:, 3]], 1
             )
         if self.sizes:
-            scale = random.choice(self.sizes) / max(image.size)
+            scale = self.sizes[int(torch.randint(len(self.sizes), (), generator=draws))] / max(image.size)
             size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
             boxes = boxes * torch.tensor([size[0] / image.width, size[1] / image.height] * 2)
             image = image.resize(size, Image.Resampling.BILINEAR)
         return image, boxes
 
 
-def jitter_colours(pixels: torch.Tensor, strength: float) -> torch.Tensor:
+def jitter_colours(pixels: torch.Tensor, strength: float, draws: torch.Generator) -> torch.Tensor:
     """Brightness and contrast each scaled by a factor in [1 - strength, 1 + strength]; boxes unchanged."""
-    brightness, contrast = (1 + strength * (2 * torch.rand(2) - 1)).tolist()
+    brightness, contrast = (1 + strength * (2 * torch.rand(2, generator=draws) - 1)).tolist()
     mean = pixels.mean()
     return ((pixels * brightness - mean) * contrast + mean).clamp(0, 1)
 
@@ -245,6 +250,7 @@ class CocoDataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             seed=self.seed,
             classes=partition_classes(self.partition, self.train_set.classes),
+            item_seeds=True,
             drop_last=True,
             num_workers=self.num_workers,
             collate_fn=collate,

@@ -9,6 +9,7 @@ result per key, so a score is the same whatever the world size.
 from collections.abc import Hashable, Sequence
 from typing import Any, TypeVar
 
+import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -48,9 +49,12 @@ class Indexed(Dataset):
 def evaluation_loader(
     dataset: Dataset, batch_size: int, order: Sequence[int] | None = None, **kwargs: Any
 ) -> DataLoader:
-    """A loader over this rank's share of `dataset`, in `order` (default: as stored)."""
+    """A loader over this rank's share of `dataset`, in `order` (default: as stored). It has its own
+    generator: a DataLoader without one draws a seed from the global RNG each time it is iterated, and a
+    validation within an epoch would then shift the random numbers of the training steps after it."""
     order = range(len(dataset)) if order is None else order  # type: ignore[arg-type]
-    return DataLoader(Subset(dataset, rank_share(order)), batch_size=batch_size, shuffle=False, **kwargs)
+    subset = Subset(dataset, rank_share(order))
+    return DataLoader(subset, batch_size=batch_size, shuffle=False, generator=torch.Generator(), **kwargs)
 
 
 def gather_by_key(results: dict[K, V]) -> dict[K, V]:

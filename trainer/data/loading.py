@@ -3,12 +3,16 @@
 Lightning saves the `state_dict()` of any train loader that has one and hands it back on resume, so a run
 stopped mid-epoch (preemption, a crash) continues with exactly the batches it had not seen yet. The
 shuffle order depends only on (seed, epoch), and the loader has its own generator, so data loading never
-draws from the global RNG that the model's own randomness uses.
+draws from the global RNG that the model's own randomness uses. Data sets with random augmentations get
+each item's own seed from the sampler (`item_seeds=True`), fixed by (seed, epoch, item): a resumed run and
+any number of loader processes augment exactly as an uninterrupted single-process run does.
 """
 
 from collections.abc import Iterator, Sequence, Sized
 from typing import Any
 
+import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -23,10 +27,13 @@ class ShardedSampler(Sampler[int]):
 
     With `classes` (one class id per item; `data.partition=by_class`), each rank draws only from the items of
     its own classes (the i-th class in sorted order goes to rank i % world): the non-IID split of federated
-    learning studies. Every rank still gets the same count, the smallest rank's share."""
+    learning studies. Every rank still gets the same count, the smallest rank's share.
 
-    def __init__(self, size: int, seed: int, classes: Sequence[int] | None = None):
-        self.size, self.seed = size, seed
+    With `item_seeds`, it yields (index, seed of this item's draws in this epoch) for data sets that augment.
+    """
+
+    def __init__(self, size: int, seed: int, classes: Sequence[int] | None = None, item_seeds: bool = False):
+        self.size, self.seed, self.item_seeds = size, seed, item_seeds
         self.classes = None if classes is None else torch.as_tensor(classes)
         self.epoch = 0
         self.start = 0  # indices of this rank's shard to skip, set when resuming mid-epoch
@@ -40,7 +47,7 @@ class ShardedSampler(Sampler[int]):
             return self.size // world
         return min(int((self._owners(world) == rank).sum()) for rank in range(world))
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[int] | Iterator[tuple[int, int]]:
         order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         rank, world = rank_and_world()
         if self.classes is None:
@@ -48,7 +55,10 @@ class ShardedSampler(Sampler[int]):
         else:
             shard = order[self._owners(world)[order] == rank][: len(self)]
         start, self.start = self.start, 0
-        return iter(shard[start:].tolist())
+        items = shard[start:].tolist()
+        if self.item_seeds:
+            return iter([(index, item_seed(self.seed, self.epoch, index)) for index in items])
+        return iter(items)
 
     def _owners(self, world: int) -> torch.Tensor:
         """The rank each item belongs to under the by-class split."""
@@ -60,6 +70,12 @@ class ShardedSampler(Sampler[int]):
                 "use fewer workers or data.partition=iid"
             )
         return class_index % world
+
+
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    """A well-mixed 63-bit seed for one item's augmentations in one epoch."""
+    words = [seed % 2**64, epoch, index]  # SeedSequence takes non-negative words only
+    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> 1)
 
 
 PARTITIONS = ("iid", "by_class")
@@ -87,15 +103,17 @@ class ResumableLoader(DataLoader):
         seed: int,
         sampler: Any = None,
         classes: Sequence[int] | None = None,
+        item_seeds: bool = False,
         **kwargs: Any,
     ):
         assert isinstance(dataset, Sized)
         kwargs.pop("generator", None)
+        if sampler is None:  # Lightning passes its own when it rebuilds the loader (trainer.overfit_batches)
+            sampler = ShardedSampler(len(dataset), seed, classes, item_seeds)
         super().__init__(
             dataset,
             batch_size=batch_size,
-            # Lightning passes its own sampler when it rebuilds the loader (trainer.overfit_batches).
-            sampler=sampler if sampler is not None else ShardedSampler(len(dataset), seed, classes),
+            sampler=sampler,
             generator=torch.Generator().manual_seed(seed),
             **kwargs,
         )
@@ -118,3 +136,14 @@ class ResumableLoader(DataLoader):
         if isinstance(self.sampler, ShardedSampler) and state["batches_yielded"] < len(self):
             self.sampler.set_epoch(state["epoch"])
             self._resume_at = state["batches_yielded"]
+
+
+class LoaderPosition(L.Callback):
+    """Hands the checkpoint's loader position to the loader when Lightning 2.6 would drop it: a task that
+    reads `trainer.estimated_stepping_batches` in `configure_optimizers` (OneCycleLR's length) sets up the
+    data before the checkpoint is restored, and the saved position is then never loaded
+    (Lightning-AI/pytorch-lightning#20550), so a run resumed mid-epoch would redo the epoch's first batches.
+    A no-op when Lightning has loaded it, or when not resuming."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.fit_loop._load_combined_loader_states()  # before the first batch is drawn

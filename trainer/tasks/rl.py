@@ -153,7 +153,8 @@ class RLTask(Task):
         raise NotImplementedError
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader([torch.tensor(rank_share(self.eval_seeds))], batch_size=None)
+        seeds = [torch.tensor(rank_share(self.eval_seeds))]
+        return DataLoader(seeds, batch_size=None, generator=torch.Generator())  # not the global RNG's draw
 
     def validation_step(self, seeds: torch.Tensor, batch_idx: int) -> None:
         envs = self.env.make_vector(len(seeds), evaluation=True)
