@@ -49,14 +49,12 @@ def test_nms_keeps_the_best_of_each_overlapping_group_per_class():
 
 def greedy_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> list[int]:
     """The textbook loop: take the best remaining box, drop what it covers, repeat."""
-    remaining = scores.argsort(descending=True).tolist()
+    remaining = scores.argsort(descending=True)
     kept = []
-    while remaining:
-        best, *remaining = remaining
-        kept.append(best)
-        remaining = [
-            i for i in remaining if box_iou(boxes[best : best + 1], boxes[i : i + 1]).item() <= iou_threshold
-        ]
+    while len(remaining):
+        best, remaining = remaining[0], remaining[1:]
+        kept.append(int(best))
+        remaining = remaining[box_iou(boxes[best][None], boxes[remaining])[0] <= iou_threshold]
     return kept
 
 

@@ -3,6 +3,7 @@ at H=1, H times fewer bytes at H>1, exact resume after a kill between syncs, one
 every worker; and the non-IID split of the training data (`data.partition=by_class`)."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from conftest import (
     TINY_DCGAN,
     assert_clean_failure,
+    compose_config,
     divergence_events,
     kill_at_first_checkpoint,
     last_step,
@@ -22,6 +24,8 @@ from trainer.data import loading
 from trainer.data.coco import CocoDetection
 from trainer.data.digit_canvases import write_digit_canvases
 from trainer.data.loading import ShardedSampler
+from trainer.errors import UserError
+from trainer.run import train
 
 DILOCO = ["trainer=ddp_cpu", "distributed.sync=diloco"]
 
@@ -79,15 +83,16 @@ def test_detection_images_take_the_class_most_of_their_boxes_have(tmp_path: Path
         assert image_class == min(c for c in set(labels) if labels.count(c) == top)
 
 
-def test_bad_sync_settings_fail_in_one_line(home: Path):
-    for args, fragment in (
-        (["distributed.sync=gossip"], "distributed.sync=gossip is not one of allreduce, local_sgd, diloco"),
+def test_bad_sync_settings_fail_in_one_line(tmp_path: Path, home: Path):
+    result = run_cli(*TINY_DCGAN, "logger=none", "distributed.sync=gossip", home=home)  # the CLI's exit
+    assert_clean_failure(result, "distributed.sync=gossip is not one of allreduce, local_sgd, diloco")
+    for args, fragment in (  # the same UserError path, in-process
         (["distributed.sync=diloco"], "distributed.sync=diloco averages data-parallel workers: use trainer="),
         (["distributed.sync=local_sgd", "distributed.sync_every=0"], "distributed.sync_every=0"),
         (["data.partition=by_digit"], "data.partition=by_digit is not one of iid, by_class"),
     ):
-        result = run_cli(*TINY_DCGAN, "logger=none", *args, home=home)
-        assert_clean_failure(result, fragment)
+        with pytest.raises(UserError, match=re.escape(fragment)):
+            train(compose_config(*TINY_DCGAN, "logger=none", *args, run_dir=tmp_path / "run"))
 
 
 # -- training on 2 processes -------------------------------------------------------------------------------
