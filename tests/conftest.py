@@ -156,3 +156,24 @@ def divergence_events(run_dir: Path, rank: int = 0) -> list[dict]:
     """The guard's events file of a run (none written: no events)."""
     path = run_dir / "divergence" / f"events-rank{rank}.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+# The files that take longest, longest first (--durations=0 of the whole suite on 2 cores): the xdist workers
+# take them before the short ones, so that no long file starts last and runs alone at the end.
+SLOWEST_FILES = [
+    "test_sweeps.py",
+    "test_fsdp.py",
+    "test_slurm.py",
+    "test_ray.py",  # after two other files that start Ray clusters, so that three do not start at once
+    "test_sync.py",
+    "test_detection.py",
+    "test_guard_zoo.py",
+    "test_divergence.py",
+    "test_bad_input.py",
+    "test_install.py",
+]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOWEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept
