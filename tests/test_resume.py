@@ -86,12 +86,17 @@ def test_resume_at_an_epoch_boundary_gives_identical_weights(options: list[str],
 
 
 def test_resume_at_an_epoch_boundary_with_max_steps_trains_the_whole_next_epoch(tmp_path: Path) -> None:
-    """Validation within epochs (as +exp=qa) and max_steps set: Lightning 2.6 resumed such a checkpoint
-    into the finished epoch's loop and trained one batch of the next epoch, or none."""
+    """Validation within epochs (as +exp=qa), max_steps and limit_train_batches set: Lightning 2.6 resumed
+    such a checkpoint into the finished epoch's loop and trained one batch of the next epoch, or none; and
+    the loader took the end of a limited epoch for a place within it and skipped the next epoch's first
+    batches."""
     options = ["++trainer.val_check_interval=0.5", "++trainer.max_steps=1000"]
+    fit(tmp_path / "straight", "++trainer.max_epochs=2", *options)
     fit(tmp_path / "run", "++trainer.max_epochs=1", *options)
     fit(tmp_path / "run", "++trainer.max_epochs=2", *options)
-    assert last_checkpoint(tmp_path / "run")["global_step"] == 16  # 2 epochs x 4 batches x 2 optimizers
+    resumed = last_checkpoint(tmp_path / "run")
+    assert resumed["global_step"] == 16  # 2 epochs x 4 batches x 2 optimizers
+    assert_same_training_state(last_checkpoint(tmp_path / "straight"), resumed)
 
 
 @pytest.mark.parametrize(

@@ -139,11 +139,18 @@ class ResumableLoader(DataLoader):
 
 
 class LoaderPosition(L.Callback):
-    """Hands the checkpoint's loader position to the loader when Lightning 2.6 would drop it: a task that
-    reads `trainer.estimated_stepping_batches` in `configure_optimizers` (OneCycleLR's length) sets up the
-    data before the checkpoint is restored, and the saved position is then never loaded
-    (Lightning-AI/pytorch-lightning#20550), so a run resumed mid-epoch would redo the epoch's first batches.
-    A no-op when Lightning has loaded it, or when not resuming."""
+    """Hands the checkpoint's place in the epoch to the training loader, as Lightning 2.6 does not always:
+
+    - a task that reads `trainer.estimated_stepping_batches` in `configure_optimizers` (OneCycleLR's length)
+      sets up the data before the checkpoint is restored, and the saved place is then never loaded
+      (Lightning-AI/pytorch-lightning#20550): the resumed epoch would redo its first batches;
+    - under `trainer.limit_train_batches` an epoch ends before the loader does, and a checkpoint written at
+      that end looks mid-epoch to the loader: the next epoch would skip its first batches.
+    """
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        trainer.fit_loop._load_combined_loader_states()  # before the first batch is drawn
+        fit_loop = trainer.fit_loop
+        fit_loop._load_combined_loader_states()  # a no-op when Lightning has loaded them or when not resuming
+        for loader in fit_loop._combined_loader.flattened if fit_loop._combined_loader else []:
+            if isinstance(loader, ResumableLoader) and loader._resume_at >= trainer.num_training_batches:
+                loader._resume_at = 0  # that epoch was done: the next one starts at its beginning
