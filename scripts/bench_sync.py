@@ -9,7 +9,12 @@ measured wall time, in which the workers share this one machine and their "link"
 Validation runs once, at the end (`val_every` below): every validation is also a sync, so frequent ones
 would sync more often than every H steps.
 
-    python scripts/bench_sync.py [--exps detector qa] [--workers 2 4] [--sync-every 50] [--out DIR]
+With `--equal-steps`, each exp's epochs grow with the workers (x workers / 2), so that every worker takes as
+many optimizer steps as at 2 workers: DiLoCo's own protocol (a fixed number of inner steps per worker),
+against all-reduce over the same epochs.
+
+    python scripts/bench_sync.py [--exps detector qa] [--workers 2 4] [--sync-every 50] [--equal-steps]
+                                 [--out DIR]
 """
 
 import argparse
@@ -25,22 +30,21 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 METRIC = {"detector": "val/AP50", "qa": "val/f1"}
-VALIDATE_AT_THE_END = {
-    "detector": ["++trainer.check_val_every_n_epoch=12"],  # its 12 epochs
-    "qa": ["trainer.val_check_interval=1.0"],  # its one epoch
-}
+EPOCHS = {"detector": 12, "qa": 1}  # as conf/exp sets them
 LINKS_GBIT = (1, 10)
 
 
-def run(exp: str, workers: int, sync: list[str], out: Path) -> dict[str, Any]:
-    run_dir = out / f"{exp}-{workers}w-{'-'.join(s.split('=')[1] for s in sync)}"
+def run(exp: str, workers: int, sync: list[str], epochs: int, out: Path) -> dict[str, Any]:
+    run_dir = out / f"{exp}-{workers}w-{epochs}ep-{'-'.join(s.split('=')[1] for s in sync)}"
     args = [
         f"+exp={exp}",
         "launcher=ray",
         f"launcher.num_workers={workers}",
         f"launcher.resources_per_worker.CPU={2 / workers}",  # oversubscribed on a 2-core machine
         *sync,
-        *VALIDATE_AT_THE_END[exp],
+        f"++trainer.max_epochs={epochs}",
+        f"++trainer.check_val_every_n_epoch={epochs}",  # validation once, at the end
+        "++trainer.val_check_interval=1.0",
         "logger=csv",
         "++trainer.enable_progress_bar=false",
         f"hydra.run.dir={run_dir}",
@@ -77,6 +81,7 @@ def main() -> None:
     parser.add_argument("--exps", nargs="+", default=["detector", "qa"], choices=sorted(METRIC))
     parser.add_argument("--workers", nargs="+", type=int, default=[2, 4])
     parser.add_argument("--sync-every", type=int, default=50)
+    parser.add_argument("--equal-steps", action="store_true", help="epochs x workers / 2")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench_sync")
     args = parser.parse_args()
     os.environ.setdefault("WANDB_MODE", "disabled")
@@ -87,20 +92,23 @@ def main() -> None:
     rows = []
     for exp in args.exps:
         for workers in args.workers:
-            pair = {name: run(exp, workers, sync, args.out) for name, sync in modes.items()}
+            epochs = EPOCHS[exp] * workers // 2 if args.equal_steps else EPOCHS[exp]
+            pair = {name: run(exp, workers, sync, epochs, args.out) for name, sync in modes.items()}
             rows.append(pair)
             (args.out / "results.json").write_text(json.dumps(rows, indent=2))
             print(table_row(pair["allreduce"], pair["diloco"]), flush=True)
 
 
 def table_row(base: dict[str, Any], local: dict[str, Any]) -> str:
-    """exp | workers | metric: all-reduce -> DiLoCo | bytes per worker | wall time: here, 1, 10 Gbit/s"""
+    """exp | workers | outer steps | metric: all-reduce -> DiLoCo | bytes per worker | wall time: here, 1,
+    10 Gbit/s"""
     keys = ("wall_s", *(f"wall_s_{g}gbit" for g in LINKS_GBIT))
     walls = [f"{base[key]:.0f} -> {local[key]:.0f} s" for key in keys]
     less = base["bytes"] / local["bytes"]
     cells = [
         base["exp"],
         str(base["workers"]),
+        str(local["outer_steps"]),
         f"{base['metric']} {base['final']:.4f} -> {local['final']:.4f} "
         f"({(local['final'] / base['final'] - 1) * 100:+.1f}%)",
         f"{base['bytes'] / 2**20:.1f} -> {local['bytes'] / 2**20:.2f} MiB ({less:.0f}x less)",
