@@ -23,9 +23,13 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 # Tests run two at a time (pytest-xdist): each worker keeps its own cache of the data sets the project
-# writes (digit canvases, QA facts), so two never write the same files at once.
+# writes (digit canvases, QA facts), so two never write the same files at once; and its own Ray temp dir.
+# Ray's processes that look for "the" cluster of this machine (Ray Train's placement-group cleaner) read
+# its ray_current_cluster file; shared, it names whichever test's cluster started last, the cleaner then
+# dies, and a Tune trial that ASHA stops keeps its workers' CPUs until the sweep ends (later trials wait).
 if worker := os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["XDG_CACHE_HOME"] = f"/tmp/trainer-test-cache-{worker}"
+    os.environ["RAY_TMPDIR"] = f"/tmp/ray-{worker}"
 
 # A DCGAN small enough that an end-to-end run takes seconds on 2 CPU cores.
 TINY_DCGAN = [
