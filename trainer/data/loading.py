@@ -137,6 +137,12 @@ class ResumableLoader(DataLoader):
             self.sampler.set_epoch(state["epoch"])
             self._resume_at = state["batches_yielded"]
 
+    def end_epochs_at(self, batches: float) -> None:
+        """Lightning draws only `batches` an epoch (`trainer.limit_train_batches`): a saved place at or past
+        that is the end of an epoch, and the next epoch starts at its beginning."""
+        if self._resume_at >= batches:
+            self._resume_at = 0
+
 
 class LoaderPosition(L.Callback):
     """Hands the checkpoint's place in the epoch to the training loader, as Lightning 2.6 does not always:
@@ -152,5 +158,5 @@ class LoaderPosition(L.Callback):
         fit_loop = trainer.fit_loop
         fit_loop._load_combined_loader_states()  # a no-op when Lightning has loaded them or when not resuming
         for loader in fit_loop._combined_loader.flattened if fit_loop._combined_loader else []:
-            if isinstance(loader, ResumableLoader) and loader._resume_at >= trainer.num_training_batches:
-                loader._resume_at = 0  # that epoch was done: the next one starts at its beginning
+            if isinstance(loader, ResumableLoader):
+                loader.end_epochs_at(trainer.num_training_batches)
