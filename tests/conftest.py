@@ -23,10 +23,9 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 # Tests run two at a time (pytest-xdist): each worker keeps its own cache of the data sets the project
-# writes (digit canvases, QA facts), so two never write the same files at once; and its own Ray temp dir.
-# Ray's processes that look for "the" cluster of this machine (Ray Train's placement-group cleaner) read
-# its ray_current_cluster file; shared, it names whichever test's cluster started last, the cleaner then
-# dies, and a Tune trial that ASHA stops keeps its workers' CPUs until the sweep ends (later trials wait).
+# writes (digit canvases, QA facts), so two never write the same files at once; and its own Ray temp dir, so
+# that Ray's processes that look for "the" cluster of this machine (its ray_current_cluster file) find their
+# own test's cluster, not the other worker's.
 if worker := os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["XDG_CACHE_HOME"] = f"/tmp/trainer-test-cache-{worker}"
     os.environ["RAY_TMPDIR"] = f"/tmp/ray-{worker}"
@@ -78,12 +77,12 @@ def cli_env(home: Path) -> dict[str, str]:
 
 
 def run_cli(
-    *args: str, home: Path, cwd: Path | None = None, timeout: float = 240
+    *args: str, home: Path, cwd: Path | None = None, timeout: float = 240, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "trainer", *args],
         cwd=cwd or REPO,
-        env=cli_env(home),
+        env={**cli_env(home), **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,

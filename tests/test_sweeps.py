@@ -171,24 +171,30 @@ TINY_TUNE = [*TINY_DCGAN, "hparams_search=dcgan_asha", "++trainer.max_epochs=3",
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1200)  # 157 s alone; over 600 s beside the 2-process FSDP tests on 2 cores
+@pytest.mark.timeout(1200)  # 230 s alone; over 600 s beside the 2-process FSDP tests on 2 cores
 def test_asha_stops_weak_trials_early_and_they_really_run_fewer_steps(tmp_path: Path, home: Path) -> None:
     run_dir = tmp_path / "sweep"
     # One trial at a time, so that the order in which trials reach ASHA's rungs (and so its decisions) is
     # fixed: with these seeds trial-00002 is behind at the first rung. Epochs long enough that a stop lands
     # mid-run (Tune decides after the report, while training goes on).
+    # Each trial's worker takes both CPUs, so that a stopped trial whose workers' resources stay reserved
+    # blocks the next one; and RAY_ADDRESS names another cluster (as on a login node set up for job
+    # submission), which is where Ray Train's own cleaner looks: the sweep must free them itself.
     result = run_cli(
         *TINY_TUNE,
         "++trainer.max_epochs=6",
         "++trainer.limit_train_batches=12",
+        "launcher.resources_per_worker={CPU: 2}",
         "tune.num_samples=3",
         "tune.max_concurrent=1",
         "tune.reduction_factor=3",
         f"hydra.run.dir={run_dir}",
         home=home,
+        env={"RAY_ADDRESS": "127.0.0.1:9"},
         timeout=1100,  # a hang guard, within the test's own
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "released the resources of trial-" in result.stdout + result.stderr
     names = sorted(p.name for p in run_dir.glob("trial-*"))
     assert names == ["trial-00000", "trial-00001", "trial-00002"]  # deterministic names
     full = 6 * 12 * 2  # epochs x batches x two optimizer steps (D and G)

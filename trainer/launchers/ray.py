@@ -163,6 +163,9 @@ class ReportingLastCheckpoint(LastCheckpoint):
 
     def save(self, trainer: L.Trainer) -> bool:
         import ray.train
+        from ray.util import get_current_placement_group
+
+        from trainer.sweeps.release import PLACEMENT_GROUP
 
         if not super().save(trainer):
             return False
@@ -175,6 +178,8 @@ class ReportingLastCheckpoint(LastCheckpoint):
             metrics["metrics_json"] = json.dumps(metrics_file.metrics)
             # The current values too, for Ray Tune's schedulers (trainer/sweeps/tune.py).
             metrics.update({name: entry["final"] for name, entry in metrics_file.metrics.items()})
+        if group := get_current_placement_group():  # for a sweep to free it when it stops the trial
+            metrics[PLACEMENT_GROUP] = group.id.hex()
         with tempfile.TemporaryDirectory(prefix="trainer-ray-ckpt-") as folder:
             _link_or_copy(self.dirpath / "last.ckpt", Path(folder) / "last.ckpt")
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))

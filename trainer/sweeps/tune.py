@@ -118,6 +118,8 @@ def tune_sweep(launcher: RayTrainLauncher, cfg: DictConfig) -> dict[str, Any]:
     """Runs (or resumes) the sweep; returns the best trial's metrics.json content."""
     from ray import tune
 
+    from trainer.sweeps.release import ReleaseStoppedTrials
+
     settings = tune_settings(cfg)
     space = search_space(settings.params, cfg)
     sweep_dir = Path(cfg.run_dir).resolve()
@@ -152,7 +154,9 @@ def tune_sweep(launcher: RayTrainLauncher, cfg: DictConfig) -> dict[str, Any]:
                 trial_dirname_creator=names,
                 reuse_actors=False,  # a stopped trial's actor goes, and with it its Ray Train run and workers
             ),
-            run_config=tune.RunConfig(name=state.name, storage_path=str(sweep_dir), verbose=1),
+            run_config=tune.RunConfig(
+                name=state.name, storage_path=str(sweep_dir), verbose=1, callbacks=[ReleaseStoppedTrials()]
+            ),
         )
     grid = tuner.fit()
     # Ctrl-C ends fit() early; the state Tune saved then still shows the unfinished trials.
