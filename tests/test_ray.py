@@ -99,12 +99,13 @@ def test_ray_run_writes_the_run_dir_and_resumes(tmp_path: Path, home: Path) -> N
     assert {read_run(p).run_id for p in find_runs(run_dir / "wandb")} == {run.run_id}
 
 
-def train_through_a_failure(cluster, run_dir: Path, home: Path, fail) -> str:
+def train_through_a_failure(cluster, run_dir: Path, home: Path, fail, *args: str) -> str:
     """Starts a spread 2-worker run on the cluster, calls `fail` once Ray holds a checkpoint, and returns
     the output of the run, which must finish all its steps."""
     proc = start_cli(
         *SLOW_DCGAN,
         *RAY,
+        *args,
         f"launcher.address={cluster.address}",
         "launcher.placement_strategy=SPREAD",
         f"hydra.run.dir={run_dir}",
@@ -126,10 +127,19 @@ def train_through_a_failure(cluster, run_dir: Path, home: Path, fail) -> str:
 
 
 def test_a_killed_worker_is_replaced_and_training_continues(cluster, tmp_path: Path, home: Path) -> None:
+    """Under DiLoCo, with the kill between two syncs (checkpoints every 4 steps, a sync at each epoch's
+    validation, every 12): the new worker group starts from the checkpoint, which holds the last synchronised
+    weights and every worker's own (`losing a node` below is the same under all-reduce)."""
     run_dir = tmp_path / "run"
+
+    def kill_one(workers: dict) -> None:
+        os.kill(next(iter(workers)), signal.SIGKILL)
+
     train_through_a_failure(
-        cluster, run_dir, home, lambda workers: os.kill(next(iter(workers)), signal.SIGKILL)
+        cluster, run_dir, home, kill_one, "distributed.sync=diloco", "distributed.sync_every=50"
     )
+    sync = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]["WorkerSync"]
+    assert sync["outer_steps"] == 6 and sync["synced_at"] == 72  # one per epoch, none twice or lost
     # The first W&B run file ends where its process was killed; read what it holds.
     runs = sorted(
         (read_run(p, strict=False) for p in find_runs(run_dir / "wandb")), key=lambda r: r.started_at

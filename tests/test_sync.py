@@ -154,6 +154,57 @@ def test_a_diloco_run_killed_between_syncs_resumes_to_the_uninterrupted_weights(
 
 
 @pytest.mark.slow
+def test_a_step_checkpoint_on_an_epochs_last_batch_is_written_after_the_epochs_validation(
+    tmp_path: Path, home: Path
+):
+    """Every validation is a sync. A checkpoint written before the epoch's validation resumed past it without
+    running it (Lightning counts it as done): the resumed run missed that sync, and every run's final
+    checkpoint missed the last one."""
+    args = [
+        *TINY_DCGAN,
+        "++trainer.max_epochs=3",
+        "callbacks.last_checkpoint.every_n_train_steps=8",  # 4 batches: each epoch's last
+        *DILOCO,
+        "distributed.sync_every=100",  # only the validations sync
+        "logger=none",
+    ]
+    straight = run_cli(*args, f"hydra.run.dir={tmp_path / 'straight'}", home=home, timeout=400)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert outer_state(tmp_path / "straight")["outer_steps"] == 3  # the final checkpoint holds the last sync
+
+    run_dir = tmp_path / "killed"
+    kill_at_first_checkpoint(*args, run_dir=run_dir, home=home)
+    assert last_step(run_dir) == 8 and outer_state(run_dir)["outer_steps"] == 1  # after the first validation
+    resumed = run_cli(*args, f"hydra.run.dir={run_dir}", home=home, timeout=400)
+    assert resumed.returncode == 0 and "resuming from" in resumed.stderr, resumed.stderr[-3000:]
+    assert_same_training_state(last_checkpoint(tmp_path / "straight"), last_checkpoint(run_dir))
+
+
+@pytest.mark.slow
+def test_a_step_checkpoint_followed_by_a_validation_within_the_epoch_is_written_again_after_it(
+    tmp_path: Path, home: Path
+):
+    args = [
+        *TINY_DCGAN,
+        "++trainer.val_check_interval=2",  # batches: validations (and syncs) at steps 4 and 8
+        "callbacks.last_checkpoint.every_n_train_steps=4",
+        *DILOCO,
+        "distributed.sync_every=100",
+        "logger=none",
+    ]
+    straight = run_cli(*args, "++trainer.max_steps=8", f"hydra.run.dir={tmp_path / 'straight'}", home=home)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    run_dir = tmp_path / "halves"
+    first = run_cli(*args, "++trainer.max_steps=4", f"hydra.run.dir={run_dir}", home=home)
+    assert first.returncode == 0, first.stderr[-3000:]
+    sync = outer_state(run_dir)
+    assert sync["synced_at"] == 4 and sync["outer_steps"] == 1  # saved again after step 4's validation
+    second = run_cli(*args, "++trainer.max_steps=8", f"hydra.run.dir={run_dir}", home=home)
+    assert second.returncode == 0 and "resuming from" in second.stderr, second.stderr[-3000:]
+    assert_same_training_state(last_checkpoint(tmp_path / "straight"), last_checkpoint(run_dir))
+
+
+@pytest.mark.slow
 def test_a_nan_on_one_worker_between_syncs_halts_every_worker(tmp_path: Path, home: Path):
     """Between syncs the workers' gradients differ; the guard reads the largest, so all of them stop."""
     run_dir = tmp_path / "run"

@@ -1,7 +1,8 @@
 """<run dir>/checkpoints/last.ckpt: what auto-resume starts from.
 
-Saved at the end of every epoch (after validation), every `every_n_train_steps` optimizer steps if set,
-and when training stops for any reason other than a crash. Lightning's own `save_last` skips the epochs
+Saved at the end of every epoch (after validation), every `every_n_train_steps` optimizer steps if set
+(after the validation that follows that step, if any), and when training stops for any reason other than a
+crash. Lightning's own `save_last` skips the epochs
 in which the monitored metric did not improve, which would make a resumed run redo them. Writes go
 through the trainer's checkpoint IO (atomic, see trainer/checkpoint.py).
 """
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.trainer.states import TrainerFn
 
 from trainer.checkpoint import close_finished_epoch
 
@@ -57,7 +59,18 @@ class LastCheckpoint(L.Callback):
         close_finished_epoch(checkpoint)  # one written before this fix (Lightning restores loops later)
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        if self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:
+        # Not on an epoch's last batch: on_train_epoch_end saves next, after the epoch's validation. Lightning
+        # resumes a checkpoint written here past the validation that followed it, without running it, and what
+        # that validation does would be lost (a DiLoCo sync, a plateau scheduler's step, a best checkpoint).
+        due = self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0
+        if due and not trainer.is_last_batch:
+            self.save(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A validation within the epoch, right after this step's save: save again, past it (as above). A run
+        # that dies during that validation still resumes from the first save, without it.
+        if trainer.state.fn == TrainerFn.FITTING and trainer.global_step == self._saved_at_step:
+            self._saved_at_step = -1
             self.save(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
