@@ -11,10 +11,11 @@ would sync more often than every H steps.
 
 With `--equal-steps`, each exp's epochs grow with the workers (x workers / 2), so that every worker takes as
 many optimizer steps as at 2 workers: DiLoCo's own protocol (a fixed number of inner steps per worker),
-against all-reduce over the same epochs.
+against all-reduce over the same epochs. `--epochs-times K` multiplies every exp's epochs by K: runs long
+enough for DiLoCo's outer optimizer to take more than a few steps.
 
     python scripts/bench_sync.py [--exps detector qa] [--workers 2 4] [--sync-every 50] [--equal-steps]
-                                 [--out DIR]
+                                 [--epochs-times K] [--out DIR]
 """
 
 import argparse
@@ -82,6 +83,7 @@ def main() -> None:
     parser.add_argument("--workers", nargs="+", type=int, default=[2, 4])
     parser.add_argument("--sync-every", type=int, default=50)
     parser.add_argument("--equal-steps", action="store_true", help="epochs x workers / 2")
+    parser.add_argument("--epochs-times", type=int, default=1, help="every exp's epochs x K")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench_sync")
     args = parser.parse_args()
     os.environ.setdefault("WANDB_MODE", "disabled")
@@ -92,7 +94,8 @@ def main() -> None:
     rows = []
     for exp in args.exps:
         for workers in args.workers:
-            epochs = EPOCHS[exp] * workers // 2 if args.equal_steps else EPOCHS[exp]
+            epochs = EPOCHS[exp] * args.epochs_times
+            epochs = epochs * workers // 2 if args.equal_steps else epochs
             pair = {name: run(exp, workers, sync, epochs, args.out) for name, sync in modes.items()}
             rows.append(pair)
             (args.out / "results.json").write_text(json.dumps(rows, indent=2))
