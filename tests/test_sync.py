@@ -19,6 +19,7 @@ from conftest import (
 )
 from test_own_task import run_own
 from test_resume import assert_same_training_state, last_checkpoint
+from test_rl import SHORT_PPO
 
 from trainer.data import loading
 from trainer.data.coco import CocoDetection
@@ -124,6 +125,33 @@ def test_h1_with_a_plain_outer_step_is_allreduce_and_h4_sends_a_quarter(tmp_path
     assert metric(tmp_path / "h1", "comm/bytes") == 12 * parameters * 4
     assert metric(tmp_path / "h4", "comm/bytes") == 3 * parameters * 4
     assert metric(tmp_path / "h4", "sync/outer_step") == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2])
+def test_workers_meet_every_h_optimizer_steps_also_within_a_ppo_rollout(tmp_path: Path, home: Path, workers):
+    """A PPO Lightning step plays a rollout and takes 16 optimizer steps on it (4 epochs of 4 minibatches);
+    H=5 counts those. One worker runs DiLoCo's outer optimizer on its own changes."""
+    run_dir = tmp_path / "run"
+    result = run_cli(
+        *SHORT_PPO,
+        f"task.total_env_steps={1024 * workers}",
+        f"task.env_steps_per_epoch={512 * workers}",  # 2 epochs of one rollout per worker
+        *DILOCO,
+        f"++trainer.devices={workers}",
+        "distributed.sync_every=5",
+        f"hydra.run.dir={run_dir}",
+        home=home,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert last_step(run_dir) == 32
+    sync = outer_state(run_dir)
+    # At steps 5, 10, 15, 16 (the validation), 21, 26, 31 and 32.
+    assert sync["outer_steps"] == 8 and sync["synced_at"] == 32
+    assert sync["outer"]["state"]  # the outer optimizer's momentum
+    parameters = sum(a.numel() for a in sync["anchor"])  # the actor-critic has no buffers
+    assert sync["bytes_sent"] == 8 * parameters * 4
 
 
 @pytest.mark.slow

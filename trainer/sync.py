@@ -11,8 +11,9 @@ DiLoCo) for workers joined by slow links.
   optimizer (SGD with Nesterov momentum) applies to the last synchronised parameters (DiLoCo, Douillard et
   al. 2023). With an outer learning rate of 1 and no momentum it is local SGD.
 
-H counts optimizer steps, as `trainer.max_steps` does (a GAN's two per batch). The workers also meet before
-every validation and at the end of training, so that what is evaluated and saved at those points is one
+H counts optimizer steps, as `trainer.max_steps` does: a PPO rollout or a DQN Lightning step takes many, and
+the workers meet within it; a GAN takes two per batch, and they meet at the end of the batch. They also meet
+before every validation and at the end of training, so that what is evaluated and saved at those points is one
 model. A checkpoint holds the last synchronised parameters and the outer optimizer, and every worker's own
 parameters and inner optimizer state: a run killed between syncs (or a Ray worker group restarted) resumes
 exactly where it stood. The bytes each worker puts into all-reduces are counted and logged
@@ -21,6 +22,7 @@ exactly where it stood. The bytes each worker puts into all-reduces are counted 
 
 import logging
 import math
+from collections.abc import Callable
 from typing import Any, Literal, get_args
 
 import lightning as L
@@ -77,6 +79,24 @@ class DataParallelStrategy(DDPStrategy):
             super()._register_ddp_hooks()
             return
         self.model.register_comm_hook(self, _counted_allreduce)
+
+    def optimizer_step(
+        self,
+        optimizer: torch.optim.Optimizer,
+        closure: Callable[[], Any],
+        model: L.LightningModule | nn.Module | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Steps the optimizer; in `local_sgd` and `diloco`, WorkerSync then meets the other workers if H
+        steps have passed. Every worker comes here at every step, also one that mixed precision's scaler
+        skips on one worker only."""
+        output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        if self.local_updates:
+            trainer = self.lightning_module.trainer
+            for callback in trainer.callbacks:
+                if isinstance(callback, WorkerSync):
+                    callback.after_optimizer_step(trainer, self.lightning_module)
+        return output
 
     def all_reduce_mean(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """The mean over workers of each tensor, in one all-reduce of their concatenation (float32)."""
@@ -150,7 +170,7 @@ class WorkerSync(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if isinstance(trainer.strategy, DataParallelStrategy):
             trainer.strategy.bytes_sent = self._resumed_bytes  # the count goes on over a resume
-        if not self.local_updates or trainer.world_size == 1:
+        if not self.local_updates:
             return
         if self._loaded is None:  # a fresh run: every replica starts from rank 0's weights, as DDP's do
             for tensor in _params(pl_module) + _averaged_state(pl_module):
@@ -174,11 +194,24 @@ class WorkerSync(L.Callback):
                 )
             self.synced_at = trainer.global_step
 
+    def after_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """With one optimizer the workers meet right after its H-th step, within a batch too (a PPO rollout
+        or a DQN Lightning step takes many). With several (a GAN's), at the end of the batch: until the last
+        has stepped, the batch's graph may still need the weights (the generator's output is made before the
+        discriminator's step and back-propagated after it). Lightning counts a step in `global_step` once
+        it has returned."""
+        if len(trainer.optimizers) == 1:
+            self._sync_if_due(trainer, pl_module, trainer.global_step + 1)
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if self.local_updates and trainer.global_step - self.synced_at >= self.sync_every:
-            self.synchronise(trainer, pl_module)
+        if self.local_updates:
+            self._sync_if_due(trainer, pl_module, trainer.global_step)
         if is_logging_step(trainer):
             self._log(trainer, pl_module)
+
+    def _sync_if_due(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
+        if step - self.synced_at >= self.sync_every:
+            self.synchronise(trainer, pl_module, step)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.local_updates and not trainer.sanity_checking and trainer.global_step > self.synced_at:
@@ -188,9 +221,11 @@ class WorkerSync(L.Callback):
         if self.local_updates and trainer.global_step > self.synced_at:
             self.synchronise(trainer, pl_module)
 
-    def synchronise(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def synchronise(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int | None = None) -> None:
         """Averages the replicas (local SGD) or applies their average change through the outer optimizer
-        (DiLoCo); buffers and frozen parameters are averaged in both. One all-reduce."""
+        (DiLoCo); buffers and frozen parameters are averaged in both. One all-reduce. `step`: the optimizer
+        steps taken, where Lightning has not counted the last one yet."""
+        step = trainer.global_step if step is None else step
         strategy: DataParallelStrategy = trainer.strategy  # type: ignore[assignment]
         params, buffers = _params(pl_module), _averaged_state(pl_module)
         averaged = strategy.all_reduce_mean(params + buffers)
@@ -211,7 +246,7 @@ class WorkerSync(L.Callback):
             self.outer_steps += 1
         with torch.no_grad():  # a non-finite round is dropped: every worker goes back to the last sync
             torch._foreach_copy_(params, [a.data.to(p.dtype) for a, p in zip(self.anchor, params)])
-        local_steps, self.synced_at = trainer.global_step - self.synced_at, trainer.global_step
+        local_steps, self.synced_at = step - self.synced_at, step
         guard = next((cb for cb in trainer.callbacks if hasattr(cb, "watch_outer_step")), None)
         if guard is not None:
             guard.watch_outer_step(trainer, pl_module, norm, local_steps)
