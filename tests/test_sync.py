@@ -233,6 +233,51 @@ def test_a_step_checkpoint_followed_by_a_validation_within_the_epoch_is_written_
 
 
 @pytest.mark.slow
+def test_a_rollback_returns_to_the_last_sync_and_outer_optimizer_of_its_snapshot(tmp_path: Path, home: Path):
+    """The guard's snapshot at step 6 (2 steps past the sync at 4) is restored at step 10 (2 past the sync at
+    8) by a rollback: the workers' own weights and optimizers, and the parameters of the sync at 4 with
+    the outer optimizer of then. The sync at 8 is undone with the rest; the next comes 2 steps later."""
+    args = [
+        *TINY_DCGAN,
+        "++trainer.limit_train_batches=8",  # one epoch, 16 steps, no validation before step 16
+        "++trainer.max_epochs=1",
+        *DILOCO,
+        "distributed.sync_every=4",  # at the ends of batches 2, 4, ...
+        "divergence.nonfinite.action=rollback",
+        "divergence.rollback.snapshot_every=3",  # snapshots after batches 3 and 6 (step 6 and 12)
+        "logger=none",
+    ]
+    snapshot, rolled = tmp_path / "snapshot", tmp_path / "rolled"
+    every_6 = "callbacks.last_checkpoint.every_n_train_steps=6"
+    kill_at_first_checkpoint(*args, every_6, run_dir=snapshot, home=home)
+    kill_at_first_checkpoint(
+        *args,
+        "divergence.inject.step=4",  # a NaN batch: steps 9 and 10, the discriminator's update dropped
+        "callbacks.last_checkpoint.every_n_train_steps=10",
+        run_dir=rolled,
+        home=home,
+    )
+    events = divergence_events(rolled, 0)
+    assert events and all(e["step"] == 4 and e["action"] == "rollback" for e in events), events
+    before, after = last_checkpoint(snapshot), last_checkpoint(rolled)
+    assert (before["global_step"], after["global_step"]) == (6, 10)
+    sync_before, sync_after = before["callbacks"]["WorkerSync"], after["callbacks"]["WorkerSync"]
+    assert (sync_before["synced_at"], sync_after["synced_at"]) == (4, 8)
+    assert (sync_before["outer_steps"], sync_after["outer_steps"]) == (1, 2)  # a count, as global_step
+    for a, b in zip(sync_before["anchor"], sync_after["anchor"], strict=True):
+        assert torch.equal(a, b)
+    assert sync_before["outer"]["state"]  # momentum from the sync at 4
+    for param, state in sync_before["outer"]["state"].items():
+        assert torch.equal(state["momentum_buffer"], sync_after["outer"]["state"][param]["momentum_buffer"])
+    for own_before, own_after in [(before, after), (before["worker_states"][0], after["worker_states"][0])]:
+        for key, value in own_before["state_dict"].items():
+            assert torch.equal(value, own_after["state_dict"][key]), key
+        for opt_before, opt_after in zip(own_before["optimizer_states"], own_after["optimizer_states"]):
+            for param, state in opt_before["state"].items():
+                assert torch.equal(state["exp_avg_sq"], opt_after["state"][param]["exp_avg_sq"])
+
+
+@pytest.mark.slow
 def test_a_nan_on_one_worker_between_syncs_halts_every_worker(tmp_path: Path, home: Path):
     """Between syncs the workers' gradients differ; the guard reads the largest, so all of them stop."""
     run_dir = tmp_path / "run"

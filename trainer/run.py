@@ -156,11 +156,12 @@ def build_trainer(
     loggers = [
         build(node, f"logger.{name}") for name, node in (cfg.logger or {}).items() if _is_buildable(node)
     ]
-    # The guard goes first: at the end of a bad batch it must act before any checkpoint is written; then the
-    # workers' sync, so that a checkpoint of a sync step holds the synchronised model.
+    # The workers' sync first, so that the guard's snapshots (and a checkpoint of a sync step) hold the
+    # synchronised model; then the guard: at the end of a bad batch it must act before any checkpoint is
+    # written.
     callbacks = [
-        *divergence_callbacks(OmegaConf.to_container(cfg.divergence, resolve=True)),
         worker_sync(cfg.distributed),
+        *divergence_callbacks(OmegaConf.to_container(cfg.divergence, resolve=True)),
         *callbacks,
     ]
     if cfg.mode == "lr_find":

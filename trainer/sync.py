@@ -253,6 +253,25 @@ class WorkerSync(L.Callback):
         elif not math.isfinite(norm):
             log.warning(f"step {trainer.global_step}: the workers' average change is {norm}; dropped it")
 
+    def rollback_state(self, trainer: L.Trainer) -> dict[str, Any] | None:
+        """What a divergence rollback (trainer/divergence/guard.py) restores besides the workers' own weights
+        and optimizers: the last synchronised parameters, the outer optimizer, and how many steps past that
+        sync the workers were. The counts (outer steps, bytes) go on, as `global_step` does."""
+        if not self.local_updates:
+            return None
+        return {
+            "anchor": [a.detach() for a in self.anchor],
+            "outer": self.outer.state_dict() if self.outer is not None else None,
+            "steps_since_sync": trainer.global_step - self.synced_at,
+        }
+
+    def roll_back(self, trainer: L.Trainer, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            torch._foreach_copy_([a.data for a in self.anchor], state["anchor"])
+        if self.outer is not None:
+            self.outer.load_state_dict(state["outer"])
+        self.synced_at = trainer.global_step - state["steps_since_sync"]
+
     def _start_outer(self, anchor: list[torch.Tensor]) -> None:
         self.anchor = [nn.Parameter(a.detach().clone().float()) for a in anchor]
         self.outer = None

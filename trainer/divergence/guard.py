@@ -21,8 +21,9 @@ Actions, per detector (`divergence.<detector>.action`, else `divergence.action`)
 - skip: drop the update (the optimizer sees no gradients this step). Detections made after the update
   (losses, collapse) cannot drop it and roll back instead.
 - rollback: drop the update; when the batch is done, restore the guard's last snapshot (weights, optimizers,
-  LR schedulers and the task's own checkpoint state, such as RL's env steps, taken every
-  `rollback.snapshot_every` steps in CPU memory), and from then on run every optimizer at
+  LR schedulers, the task's own checkpoint state, such as RL's env steps, and under local SGD or DiLoCo the
+  last synchronised parameters and the outer optimizer; taken every `rollback.snapshot_every` steps in CPU
+  memory), and from then on run every optimizer at
   `rollback.lr_scale`^n of the learning rate its schedule gives (n rollbacks so far; this holds across
   schedulers and tasks that set their own rate, and travels in checkpoints). After `max_rollbacks`, halt.
 - halt: save checkpoints/halt-step<K>.ckpt, stop, and exit non-zero with the bundle's path.
@@ -65,7 +66,7 @@ from trainer.divergence.picture import draw_event
 from trainer.errors import DivergenceHalt, UserError
 from trainer.fsdp import clean_name, is_sharded, sum_over_shards
 from trainer.loggers import log_step
-from trainer.sync import largest_over_workers
+from trainer.sync import WorkerSync, largest_over_workers
 from trainer.tasks.base import StepReport, Task, step_data, step_report
 
 log = logging.getLogger(__name__)
@@ -485,6 +486,8 @@ class DivergenceGuard(L.Callback):
             "lr_schedulers": [c.scheduler.state_dict() for c in trainer.lr_scheduler_configs],
         }
         pl_module.on_save_checkpoint(state)
+        sync = _worker_sync(trainer)
+        state["worker_sync"] = sync.rollback_state(trainer) if sync is not None else None
         self._snapshot = {**to_cpu(state), "step": log_step(trainer)}
 
     def _rollback(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -500,6 +503,8 @@ class DivergenceGuard(L.Callback):
         for config, state in zip(trainer.lr_scheduler_configs, snapshot["lr_schedulers"]):
             config.scheduler.load_state_dict(state)
         pl_module.on_load_checkpoint(to_cpu(snapshot))
+        if snapshot["worker_sync"] is not None:  # local SGD, DiLoCo: back to that step's last sync, too
+            _worker_sync(trainer).roll_back(trainer, snapshot["worker_sync"])
         self.watch.restart()
         self.collapse.restart()
         self.rollbacks += 1
@@ -557,6 +562,10 @@ class DivergenceGuard(L.Callback):
 
 def _float_buffers(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [(clean_name(name), b) for name, b in module.named_buffers() if b.is_floating_point()]
+
+
+def _worker_sync(trainer: L.Trainer) -> WorkerSync | None:
+    return next((cb for cb in trainer.callbacks if isinstance(cb, WorkerSync)), None)
 
 
 def divergence_callbacks(settings: dict[str, Any] | None) -> list[L.Callback]:
