@@ -20,6 +20,7 @@ from conftest import (
 from test_own_task import run_own
 from test_resume import assert_same_training_state, last_checkpoint
 from test_rl import SHORT_PPO
+from wandb_offline import find_runs, read_run
 
 from trainer.data import loading
 from trainer.data.coco import CocoDetection
@@ -320,6 +321,12 @@ def test_ray_workers_train_with_diloco_on_their_own_classes_to_a_checkpoint_that
     assert sync["outer_steps"] == 2 and sync["synced_at"] == 8 and sync["outer"]["state"]  # at steps 4 and 8
     sent = metric(run_dir, "comm/bytes")
     assert sent > 0
+    (offline,) = find_runs(run_dir / "wandb")  # W&B has the outer steps and the bytes, as logged
+    logged = read_run(offline)
+    outer_steps = [value for _, value in logged.series("sync/outer_step")]
+    sent_so_far = [value for _, value in logged.series("comm/bytes")]
+    assert outer_steps == sorted(outer_steps) and 1 <= outer_steps[-1] <= 2, outer_steps
+    assert sent_so_far == sorted(sent_so_far) and sent_so_far[-1] == sent, sent_so_far
 
     again = run_cli(*args, "++trainer.max_epochs=2", home=home, timeout=600)
     assert again.returncode == 0 and "resuming from" in again.stdout + again.stderr, again.stderr[-3000:]
