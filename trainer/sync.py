@@ -54,6 +54,7 @@ class DataParallelStrategy(DDPStrategy):
         super().__init__(**kwargs)
         self.sync = sync
         self.bytes_sent = 0  # what this worker put into all-reduces of model state
+        self.worker_sync: WorkerSync | None = None  # in local_sgd and diloco, set by WorkerSync.setup
 
     @property
     def local_updates(self) -> bool:
@@ -91,11 +92,8 @@ class DataParallelStrategy(DDPStrategy):
         steps have passed. Every worker comes here at every step, also one that mixed precision's scaler
         skips on one worker only."""
         output = super().optimizer_step(optimizer, closure, model, **kwargs)
-        if self.local_updates:
-            trainer = self.lightning_module.trainer
-            for callback in trainer.callbacks:
-                if isinstance(callback, WorkerSync):
-                    callback.after_optimizer_step(trainer, self.lightning_module)
+        if self.worker_sync is not None:
+            self.worker_sync.after_optimizer_step(self.lightning_module.trainer, self.lightning_module)
         return output
 
     def all_reduce_mean(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -164,6 +162,7 @@ class WorkerSync(L.Callback):
                 f"or launcher=ray with launcher.strategy=ddp (this run's strategy is "
                 f"{type(strategy).__name__})"
             )
+        strategy.worker_sync = self
 
     # -- when the workers meet ------------------------------------------------------------------------
 
@@ -253,12 +252,10 @@ class WorkerSync(L.Callback):
         elif not math.isfinite(norm):
             log.warning(f"step {trainer.global_step}: the workers' average change is {norm}; dropped it")
 
-    def rollback_state(self, trainer: L.Trainer) -> dict[str, Any] | None:
+    def rollback_state(self, trainer: L.Trainer) -> dict[str, Any]:
         """What a divergence rollback (trainer/divergence/guard.py) restores besides the workers' own weights
         and optimizers: the last synchronised parameters, the outer optimizer, and how many steps past that
         sync the workers were. The counts (outer steps, bytes) go on, as `global_step` does."""
-        if not self.local_updates:
-            return None
         return {
             "anchor": [a.detach() for a in self.anchor],
             "outer": self.outer.state_dict() if self.outer is not None else None,
@@ -342,6 +339,12 @@ def worker_sync(settings: DictConfig) -> WorkerSync:
     """The `distributed` config node's sync settings (conf/config.yaml) as the callback."""
     outer = settings.outer
     return WorkerSync(settings.sync, settings.sync_every, outer.lr, outer.momentum, outer.nesterov)
+
+
+def local_sync(trainer: L.Trainer) -> WorkerSync | None:
+    """The run's WorkerSync in `local_sgd` and `diloco`; None under all-reduce or another strategy."""
+    strategy = trainer.strategy
+    return strategy.worker_sync if isinstance(strategy, DataParallelStrategy) else None
 
 
 def largest_over_workers(trainer: L.Trainer, values: torch.Tensor) -> torch.Tensor:

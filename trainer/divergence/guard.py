@@ -66,7 +66,7 @@ from trainer.divergence.picture import draw_event
 from trainer.errors import DivergenceHalt, UserError
 from trainer.fsdp import clean_name, is_sharded, sum_over_shards
 from trainer.loggers import log_step
-from trainer.sync import WorkerSync, largest_over_workers
+from trainer.sync import largest_over_workers, local_sync
 from trainer.tasks.base import StepReport, Task, step_data, step_report
 
 log = logging.getLogger(__name__)
@@ -486,7 +486,7 @@ class DivergenceGuard(L.Callback):
             "lr_schedulers": [c.scheduler.state_dict() for c in trainer.lr_scheduler_configs],
         }
         pl_module.on_save_checkpoint(state)
-        sync = _worker_sync(trainer)
+        sync = local_sync(trainer)
         state["worker_sync"] = sync.rollback_state(trainer) if sync is not None else None
         self._snapshot = {**to_cpu(state), "step": log_step(trainer)}
 
@@ -504,7 +504,7 @@ class DivergenceGuard(L.Callback):
             config.scheduler.load_state_dict(state)
         pl_module.on_load_checkpoint(to_cpu(snapshot))
         if snapshot["worker_sync"] is not None:  # local SGD, DiLoCo: back to that step's last sync, too
-            _worker_sync(trainer).roll_back(trainer, snapshot["worker_sync"])
+            local_sync(trainer).roll_back(trainer, snapshot["worker_sync"])
         self.watch.restart()
         self.collapse.restart()
         self.rollbacks += 1
@@ -562,10 +562,6 @@ class DivergenceGuard(L.Callback):
 
 def _float_buffers(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [(clean_name(name), b) for name, b in module.named_buffers() if b.is_floating_point()]
-
-
-def _worker_sync(trainer: L.Trainer) -> WorkerSync | None:
-    return next((cb for cb in trainer.callbacks if isinstance(cb, WorkerSync)), None)
 
 
 def divergence_callbacks(settings: dict[str, Any] | None) -> list[L.Callback]:
