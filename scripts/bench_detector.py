@@ -17,6 +17,7 @@ from typing import ClassVar
 import lightning as L
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import heading, table
 from bench_overhead import compose_config
 
 from trainer.run import train
@@ -63,6 +64,13 @@ def main() -> None:
     rows = ValidationClock.rows
     reached = next((row for row in rows if row[2] >= TARGET), None)
     best = max(rows, key=lambda row: row[2])
+    print(heading("`+exp=detector`: time to AP50 " + str(TARGET)))
+    print(
+        table(
+            ["epoch", "seconds since start", "val/AP50", "val/AP"],
+            [[epoch, f"{seconds:.1f}", f"{ap50:.3f}", f"{ap:.3f}"] for seconds, epoch, ap50, ap in rows],
+        )
+    )
     print(
         f"\nAP50 >= {TARGET}: "
         + (f"after {reached[0]:.0f} s (epoch {reached[1]})" if reached else "not reached")

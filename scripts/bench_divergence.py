@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import heading, table
 from bench_overhead import bench_args, trainer_loop
 
 SETUPS = {
@@ -28,14 +29,14 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, overrides in SETUPS.items():
             steps[name] += trainer_loop(args.epochs, *overrides)
-    print(f"\n{'':38}{'median ms/step':>16}{'mean ms/step':>14}{'steps':>7}")
-    for name, times in steps.items():
-        print(
-            f"{name:38}{statistics.median(times) * 1e3:16.1f}"
-            f"{statistics.mean(times) * 1e3:14.1f}{len(times):7d}"
-        )
     off, on = (statistics.median(times) for times in steps.values())
-    print(f"overhead on / off (median): {on / off:.3f}   (target <= 1.03)")
+    rows = [
+        [name, f"{statistics.median(t) * 1e3:.1f}", f"{statistics.mean(t) * 1e3:.1f}", len(t)]
+        for name, t in steps.items()
+    ]
+    rows.append(["**ratio on / off**", f"**{on / off:.3f}** (target 1.03)", "", ""])
+    print(heading(f"Guard and gradient monitor, `+exp=dcgan`, {args.rounds} rounds x {args.epochs} epochs"))
+    print(table(["", "median ms/step", "mean ms/step", "steps"], rows))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from bench_common import heading, table
 
 REPO = Path(__file__).resolve().parent.parent
 PRESETS = {"cpu": ("ddp_cpu", "fsdp_cpu"), "gpu": ("ddp", "fsdp")}
@@ -112,14 +113,21 @@ def main() -> None:
     ddp, fsdp = (
         {key: statistics.median(r[key] for r in rounds) for key in rounds[0]} for rounds in results.values()
     )
-    print(f"QA encoder, 2 workers ({args.device}), {args.steps} steps, median of {args.rounds} rounds")
-    print(f"{'per worker':<32}{'DDP':>10}{'FSDP':>10}{'FSDP/DDP':>10}")
-    for key, label in (
-        ("state_mib", "params+grads+optimizer (MiB)"),
-        ("peak_rss_growth_mib", "peak RSS growth (MiB)"),
-        ("step_s", "step time (s)"),
-    ):
-        print(f"{label:<32}{ddp[key]:>10.1f}{fsdp[key]:>10.1f}{fsdp[key] / ddp[key]:>10.2f}")
+    print(
+        heading(
+            f"FSDP against DDP, `+exp=qa`, 2 workers ({args.device}), {args.steps} steps, "
+            f"median of {args.rounds} rounds, worst worker"
+        )
+    )
+    rows = [
+        [label, f"{ddp[key]:.1f} {unit}", f"{fsdp[key]:.1f} {unit}", f"{fsdp[key] / ddp[key]:.2f}"]
+        for key, label, unit in (
+            ("state_mib", "parameters + gradients + optimizer state", "MiB"),
+            ("peak_rss_growth_mib", "peak RSS growth during training", "MiB"),
+            ("step_s", "step time", "s"),
+        )
+    ]
+    print(table(["per worker", "DDP", "FSDP", "FSDP / DDP"], rows))
 
 
 if __name__ == "__main__":

@@ -4,13 +4,14 @@
 
 1. Healthy runs: every exp at its defaults (QA shortened), seeds 1, 2 and 3, with the guard at its defaults:
    reports (warnings with a bundle and a picture), bundles, and actions per run.
-2. The zoo: configurations that diverge by themselves on this machine (no fault is injected), each from its
-   own cause. The guard runs with `action=warn` (non-finite values still halt: the run is over there anyway)
-   and `record=true`, so every watched number of every step is in divergence/series.jsonl. The failure step
-   is the first non-finite number, or else the first validation from which the metric stays collapsed
-   (below half of the healthy runs' median for a metric to maximise, above twice it for one to minimise).
-   A detector's lead time is the failure step minus its first alarm; a detector that alarms on healthy runs
-   is marked with its false alarms, since an alarm on every run has a lead time that means nothing.
+2. The zoo: configurations that diverge by themselves on this machine (no fault is injected, but for one
+   drill: a single step at a huge learning rate), each from its own cause. The guard runs with `action=warn`
+   (non-finite values still halt: the run is over there anyway) and `record=true`, so every watched number of
+   every step is in divergence/series.jsonl. The failure step is the first non-finite number, or else the
+   first validation from which the metric stays collapsed (below half of the healthy runs' median for a metric
+   to maximise, above twice it for one to minimise). A detector's lead time is the failure step minus its
+   first alarm; a detector that alarms on healthy runs is marked with its false alarms, since an alarm on
+   every run has a lead time that means nothing.
 3. Side by side, on the same recorded series: Lightning's `SpikeDetection` callback at its defaults, the
    rule of LLM Foundry's `KillLossSpike` (at its defaults) and ZClip's z-score test (at its defaults), each
    written from its public description except Lightning's, whose own class is fed the values. The loss
@@ -21,7 +22,8 @@
    fraction of the healthy runs' metric does it reach?
 
 Runs go to --out (default outputs/bench_guard); --reuse reads the runs already there instead of training.
-Prints the tables in Markdown (they go into the README as they are) and writes them to <out>/results.json.
+Prints the tables in Markdown (they go into docs/benchmarks.md as they are) and writes them to
+<out>/results.json.
 --fixtures copies the recorded series (gzipped) with what was measured of each run to tests/data/guard,
 where tests/test_guard_zoo.py runs the guard's detectors over them.
 """
@@ -46,7 +48,8 @@ sys.path.insert(0, str(REPO))
 
 sys.path.insert(0, str(REPO / "tests"))
 
-from conftest import divergence_settings  # noqa: E402
+from bench_common import heading  # noqa: E402
+from helpers import divergence_settings  # noqa: E402
 
 from trainer.divergence.detectors import SeriesWatch  # noqa: E402
 from trainer.divergence.series import Record, read_record  # noqa: E402
@@ -77,13 +80,21 @@ class Case:
 
 
 # Runs that diverge by themselves on this machine (found by trying; no NaN came out of any: Adam's normalised
-# steps, BatchNorm/LayerNorm and losses on logits keep every failure finite here).
+# steps, BatchNorm/LayerNorm and losses on logits keep every failure finite here), and one drill: a single
+# step at a huge learning rate, which no healthy run survives.
 ZOO = [
     Case(
         "dcgan-lr",
         "dcgan",
         "GAN learning rate 200x too high, beta1 0.9: the discriminator wins, the samples collapse",
         ["task.lr=0.04", "task.beta1=0.9", "trainer.max_epochs=10"],
+    ),
+    Case(
+        "dcgan-never-learns",
+        "dcgan",
+        "GAN learning rate 5x too high, beta1 0.9: the discriminator wins for most of the run, the generator"
+        " never draws digits",
+        ["task.lr=1e-3", "task.beta1=0.9"],
     ),
     Case(
         "dcgan-strong-d",
@@ -125,6 +136,13 @@ ZOO = [
         "dqn",
         "DQN at a learning rate 2000x too high: the Q-values blow up",
         ["task.lr=0.5", "task.total_env_steps=150000"],
+    ),
+    Case(
+        "dqn-huge-step",
+        "dqn",
+        "DQN after one step at a learning rate a million times too high (the drill divergence.inject "
+        "kind=huge_lr): its weights and Q-values blow up and never come back",
+        ["divergence.inject.step=30", "divergence.inject.kind=huge_lr"],
     ),
 ]
 
@@ -345,7 +363,7 @@ def closest_call(run: Run, exp: str) -> str:
         for series, value, loss in named + [(name, step.values[name], True) for name in step.report.losses]:
             spike = watch.detector("spike", series)
             if spike.enabled and spike.warm and value > 0 and math.isfinite(value):
-                score, ratio, _ = spike.score(value)
+                score, ratio = spike.score(value)
                 if ratio > spike.min_ratio and score / spike.threshold > peaks["spike"][0] / max(
                     peaks["spike"][1], 1e-9
                 ):
@@ -545,8 +563,9 @@ def main() -> None:
         tables["actions"] = actions_table(acted, levels)
     if args.fixtures:
         save_fixtures(args.out, healthy, zoo if "zoo" in args.parts else [])
+    titles = {"healthy": "healthy runs", "zoo": "the zoo", "actions": "the zoo with the guard's actions"}
     for name, rows in tables.items():
-        print(f"\n### {name}\n")
+        print(heading(f"The divergence zoo: {titles[name]}"))
         print("\n".join(rows))
     (args.out / "results.json").write_text(json.dumps(tables, indent=1))
 

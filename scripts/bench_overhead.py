@@ -31,9 +31,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from conftest import compose_config  # noqa: E402
+from bench_common import heading, table  # noqa: E402
+from helpers import compose_config  # noqa: E402
 
-from trainer.config import build  # noqa: E402
+from trainer.config.build import build  # noqa: E402
 from trainer.run import train  # noqa: E402
 
 WARMUP = 5
@@ -143,17 +144,23 @@ def main() -> None:
         plain += plain_loop(args.epochs)
         ours += trainer_loop(args.epochs)
     p, t = statistics.median(plain), statistics.median(ours)
-    print(f"\nmachine: {os.cpu_count()} CPUs, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print(f"{'':28}{'median ms/step':>16}{'mean ms/step':>14}{'steps':>7}")
+    rows = [
+        ["hand-written PyTorch loop", f"{p * 1e3:.1f}", f"{statistics.mean(plain) * 1e3:.1f}", len(plain)],
+        ["`trainer`, `+exp=dcgan`, W&B", f"{t * 1e3:.1f}", f"{statistics.mean(ours) * 1e3:.1f}", len(ours)],
+        [
+            "**ratio**",
+            f"**{t / p:.3f}** (target 1.03)",
+            f"{statistics.mean(ours) / statistics.mean(plain):.3f}",
+            "",
+        ],
+    ]
     print(
-        f"{'hand-written PyTorch loop':28}{p * 1e3:16.1f}{statistics.mean(plain) * 1e3:14.1f}{len(plain):7d}"
+        heading(
+            f"Overhead, `+exp=dcgan`, {args.rounds} rounds x {args.epochs} epochs, "
+            f"{torch.get_num_threads()} threads"
+        )
     )
-    print(f"{'trainer (+exp=dcgan, W&B)':28}{t * 1e3:16.1f}{statistics.mean(ours) * 1e3:14.1f}{len(ours):7d}")
-    print(
-        f"ratio trainer / plain: median {t / p:.3f} (target <= 1.03), "
-        f"mean {statistics.mean(ours) / statistics.mean(plain):.3f} "
-        "(with the once-per-epoch checkpoint and samples)"
-    )
+    print(table(["", "median ms/step", "mean ms/step", "steps"], rows))
 
     first_trainer = time_to_first_step(
         [

@@ -29,9 +29,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import itertools
 
+from bench_common import heading, table
 from bench_overhead import REPO, WARMUP, StepTimer, compose_config
 
-from trainer.config import build
+from trainer.config.build import build
 from trainer.models.qa import load_tokenizer, pretrained_qa_model
 from trainer.run import train
 
@@ -100,17 +101,21 @@ def accuracy_run() -> None:
         raise RuntimeError(done.stderr[-3000:])
     rows = [line.split(",") for line in (run_dir / "csv" / "metrics.csv").read_text().splitlines()]
     header, rows = rows[0], rows[1:]
-    print(f"\n+exp=qa: {wall / 60:.1f} min wall (command to exit), run dir {run_dir}")
-    for row in rows:
-        entry = dict(zip(header, row))
-        if entry.get("val/f1"):
-            print(
-                f"  epoch {entry['epoch']} step {entry['step']}: EM {float(entry['val/exact']):.1f}  "
-                f"F1 {float(entry['val/f1']):.1f}  (answerable {float(entry['val/f1_has_answer']):.1f}, "
-                f"unanswerable {float(entry['val/f1_no_answer']):.1f})"
-            )
+    evaluations = [entry for entry in (dict(zip(header, row)) for row in rows) if entry.get("val/f1")]
+    cells = {
+        "step": [e["step"] for e in evaluations],
+        "F1": [f"{float(e['val/f1']):.1f}" for e in evaluations],
+        "EM": [f"{float(e['val/exact']):.1f}" for e in evaluations],
+        "F1 answerable / unanswerable": [
+            f"{float(e['val/f1_has_answer']):.1f} / {float(e['val/f1_no_answer']):.1f}" for e in evaluations
+        ],
+    }
+    print(heading(f"`trainer +exp=qa`: validation against steps, {wall / 60:.1f} min from command to exit"))
+    (header_row, *rows_out) = [[name, *values] for name, values in cells.items()]
+    print(table(header_row, rows_out))
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    print(f"  best val/f1 {metrics['val/f1']['best']:.1f} at step {metrics['val/f1']['best_step']}")
+    best = metrics["val/f1"]
+    print(f"\nbest val/f1 {best['best']:.1f} at step {best['best_step']}; run dir {run_dir}")
 
 
 def main() -> None:
@@ -131,13 +136,17 @@ def main() -> None:
     batch, steps = 16, args.steps
     p, t = statistics.median(plain), statistics.median(ours)
     print(
-        f"\nmachine: {torch.get_num_threads()} threads, torch {torch.__version__}; MiniLM-L6, batch {batch}, "
-        f"{steps} steps x {args.rounds} rounds"
+        heading(
+            f"QA against a plain transformers loop, MiniLM-L6, batch {batch}, {steps} steps x {args.rounds} "
+            f"rounds, {torch.get_num_threads()} threads"
+        )
     )
-    print(f"{'':34}{'median ms/step':>16}{'examples/s':>12}")
-    print(f"{'plain transformers loop':34}{p * 1e3:16.1f}{batch / p:12.1f}")
-    print(f"{'trainer (+exp=qa, W&B, guard)':34}{t * 1e3:16.1f}{batch / t:12.1f}")
-    print(f"throughput ratio trainer / plain: {p / t:.3f} (target >= 1.0)")
+    rows = [
+        ["plain transformers loop", f"{p * 1e3:.1f}", f"{batch / p:.1f}"],
+        ["`trainer`, `+exp=qa`", f"{t * 1e3:.1f}", f"{batch / t:.1f}"],
+        ["**throughput ratio trainer / plain**", "", f"**{p / t:.3f}** (target 1.0)"],
+    ]
+    print(table(["", "median ms/step", "examples/s"], rows))
 
 
 if __name__ == "__main__":

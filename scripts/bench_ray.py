@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import heading, table
 from bench_overhead import bench_args, time_to_first_step
 
 LAUNCHERS = {
@@ -54,14 +55,20 @@ def main() -> None:
             times, first = run(launcher_args, args.epochs)
             steps[name] += times
             firsts[name].append(first)
-    print(f"{'':30}{'median ms/step':>16}{'mean ms/step':>14}{'steps':>7}{'first step s':>14}")
-    for name in LAUNCHERS:
-        print(
-            f"{name:30}{statistics.median(steps[name]) * 1e3:16.1f}{statistics.mean(steps[name]) * 1e3:14.1f}"
-            f"{len(steps[name]):7d}{statistics.median(firsts[name]):14.1f}"
-        )
+    rows = [
+        [
+            name,
+            f"{statistics.median(steps[name]) * 1e3:.1f}",
+            f"{statistics.mean(steps[name]) * 1e3:.1f}",
+            len(steps[name]),
+            f"{statistics.median(firsts[name]):.1f} s",
+        ]
+        for name in LAUNCHERS
+    ]
     ddp, ray = (statistics.median(steps[name]) for name in LAUNCHERS)
-    print(f"ratio Ray / DDP (median step): {ray / ddp:.3f}   (target <= 1.05)")
+    rows.append(["**ratio Ray / DDP**", f"**{ray / ddp:.3f}** (target 1.05)", "", "", ""])
+    print(heading(f"Ray against Lightning DDP, `+exp=dcgan`, {args.rounds} rounds x {args.epochs} epochs"))
+    print(table(["", "median ms/step", "mean ms/step", "steps", "command to first step"], rows))
 
 
 if __name__ == "__main__":

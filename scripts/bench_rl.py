@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import heading, table
 from bench_overhead import compose_config
 
 from trainer.run import train
@@ -297,20 +298,26 @@ def main() -> None:
                     f"final {final:.1f}, {env_steps / seconds:.0f} env steps/s",
                     flush=True,
                 )
-    print(f"\nmachine: {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"{'algo':6}{'side':9}{'solved (>= 475) in':>20}{'best':>8}{'env steps/s (median)':>22}")
+    seeds = " / ".join(str(seed) for seed in args.seeds)
+    print(heading(f"RL against plain single-file loops, seeds {seeds}, {torch.get_num_threads()} threads"))
+    lines = []
     for algo in args.algos:
         for side in ("plain", "trainer"):
             mine = [r for r in rows if r[0] == algo and r[2] == side]
-            solved = sum(r[3] is not None for r in mine)
+            first = " / ".join("-" if r[3] is None else f"{r[3]:,}" for r in mine)
             sps = statistics.median(r[6] for r in mine)
-            print(
-                f"{algo:6}{side:9}{f'{solved}/{len(mine)} seeds':>20}"
-                f"{max(r[4] for r in mine):8.1f}{sps:22.0f}"
-            )
+            lines.append([f"{algo.upper()}, {side}", first, f"{max(r[4] for r in mine):.0f}", f"{sps:,.0f}"])
         plain = statistics.median(r[6] for r in rows if r[0] == algo and r[2] == "plain")
         ours = statistics.median(r[6] for r in rows if r[0] == algo and r[2] == "trainer")
-        print(f"{algo}: throughput ratio trainer / plain {ours / plain:.3f} (target >= 1.0)")
+        ratio = f"**{ours / plain:.2f}** (target 1.0)"
+        lines.append([f"**{algo.upper()} ratio trainer / plain**", "", "", ratio])
+    header = [
+        "",
+        f"first evaluation >= {SOLVED:.0f} (seeds {seeds})",
+        "best",
+        "env steps/s (median)",
+    ]
+    print(table(header, lines))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_common import heading
 
 REPO = Path(__file__).resolve().parent.parent
 METRIC = {"detector": "val/AP50", "qa": "val/f1"}
@@ -92,6 +93,11 @@ def main() -> None:
         "diloco": ["distributed.sync=diloco", f"distributed.sync_every={args.sync_every}"],
     }
     rows = []
+    title = f"DiLoCo (H={args.sync_every}) against all-reduce on Ray workers"
+    if args.equal_steps or args.epochs_times != 1:
+        title += f", epochs x {args.epochs_times}" + (" x workers / 2" if args.equal_steps else "")
+    print(heading(title))
+    print(TABLE_HEADER, flush=True)
     for exp in args.exps:
         for workers in args.workers:
             epochs = EPOCHS[exp] * args.epochs_times
@@ -100,6 +106,16 @@ def main() -> None:
             rows.append(pair)
             (args.out / "results.json").write_text(json.dumps(rows, indent=2))
             print(table_row(pair["allreduce"], pair["diloco"]), flush=True)
+
+
+TABLE_HEADER = (
+    "| exp | workers | outer steps | final metric: all-reduce -> DiLoCo | bytes per worker | wall time here |"
+    + " "
+    + " | ".join(f"at {g} Gbit/s" for g in LINKS_GBIT)
+    + " |\n"
+    + "|---" * (6 + len(LINKS_GBIT))
+    + "|"
+)
 
 
 def table_row(base: dict[str, Any], local: dict[str, Any]) -> str:

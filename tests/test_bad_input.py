@@ -5,7 +5,7 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from conftest import TINY_DCGAN, assert_clean_failure, run_cli
+from helpers import TINY_DCGAN, assert_clean_failure, run_cli
 
 FAST = [*TINY_DCGAN, "logger=none", "++trainer.max_epochs=1"]
 
@@ -21,7 +21,7 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def fingerprint(run_dir: Path) -> dict[str, str]:
-    files = [*run_dir.glob("checkpoints/*"), run_dir / "metrics.json"]
+    files = [*run_dir.glob("checkpoints/*"), run_dir / "metrics.json", run_dir / "config.yaml"]
     return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
@@ -47,12 +47,19 @@ CASES = {
         ["+exp=dcgan", "++trainer.max_epocs=3"],
         ["trainer.max_epocs", "did you mean trainer.max_epochs"],
     ),
+    "unknown key, plain (Hydra refuses it itself)": (
+        ["+exp=dcgan", "trainer.max_epocs=3"],
+        ["trainer.max_epocs", "did you mean trainer.max_epochs"],
+    ),
     "wrong type": (["+exp=dcgan", "++trainer.max_epochs=ten"], ["trainer.max_epochs='ten'", "expected int"]),
     "wrong type in the task": (["+exp=dcgan", "task.lr=fast"], ["task.lr='fast'", "expected float"]),
-    "impossible image size": (["+exp=dcgan", "data.image_size=48"], ["image_size must be a power of two"]),
+    "impossible image size": (
+        ["+exp=dcgan", "data.image_size=48"],
+        ["data.image_size=48 is out of range", "a power of two"],
+    ),
     "missing data.root": (["+exp=dcgan", "data=image_folder"], ["data.root"]),
-    "missing data dir": (
-        ["+exp=dcgan", "data=image_folder", "data.root=/no/such/dir"],
+    "missing data dir": (  # (resume=force: the run dir holds another config's run, refused first otherwise)
+        ["+exp=dcgan", "data=image_folder", "data.root=/no/such/dir", "resume=force"],
         ["data.root=/no/such/dir is not a directory"],
     ),
     "missing checkpoint": (
@@ -65,6 +72,31 @@ CASES = {
     ),
     "seed not a number": (["+exp=dcgan", "seed=abc"], ["seed='abc' has the wrong type", "expected int"]),
     "negative loader workers": (["+exp=dcgan", "data.num_workers=-2"], ["data.num_workers=-2", "int >= 0"]),
+    # Values that once ended in a traceback, or trained nothing and exited 0.
+    "negative learning rate": (
+        ["+exp=dcgan", "task.lr=-1"],
+        ["task.lr=-1 is out of range", "float > 0, finite"],
+    ),
+    "NaN learning rate": (
+        ["+exp=dcgan", "task.lr=nan"],
+        ["task.lr=nan is out of range", "float > 0, finite"],
+    ),
+    "Adam beta of 2": (["+exp=dcgan", "task.beta1=2"], ["task.beta1=2 is out of range", "float in [0, 1)"]),
+    "no latent space": (
+        ["+exp=dcgan", "model.latent_dim=0"],
+        ["model.latent_dim=0 is out of range", "int >= 1"],
+    ),
+    "no epochs": (["+exp=dcgan", "++trainer.max_epochs=0"], ["trainer.max_epochs=0 is out of range", "-1"]),
+    "an empty replay buffer": (["+exp=dqn", "task.buffer_size=0"], ["task.buffer_size=0 is out of range"]),
+    "a discount above 1": (["+exp=ppo", "task.gamma=1.5"], ["task.gamma=1.5 is out of range", "[0, 1]"]),
+    "QA windows that never advance": (
+        ["+exp=qa", "data.doc_stride=128"],
+        ["data.doc_stride=128 is out of range", "data.max_length=256"],
+    ),
+    "a detector of no classes": (
+        ["+exp=detector", "model.detector.num_classes=0"],
+        ["model.detector.num_classes=0 is out of range"],
+    ),
 }
 
 
@@ -73,8 +105,10 @@ CASES = {
 def test_bad_config_values(case: str, trained_run: Path, home: Path) -> None:
     args, fragments = CASES[case]
     before = fingerprint(trained_run)
-    result = run_cli(*FAST[1:], *args, f"hydra.run.dir={trained_run}", home=home)
+    tiny = FAST[1:] if args[0] == "+exp=dcgan" else ["logger=none"]  # (the tiny settings are the DCGAN's)
+    result = run_cli(*tiny, *args, f"hydra.run.dir={trained_run}", home=home)
     assert_clean_failure(result, *fragments)
+    assert result.returncode == 2
     assert fingerprint(trained_run) == before
 
 
@@ -87,6 +121,7 @@ def test_image_folder(tmp_path: Path, home: Path, corrupt: bool) -> None:
         "data=image_folder",
         f"data.root={folder}",
         "data.batch_size=8",
+        "monitor.metric=val/pixel_fd",  # one folder, no classes: no classifier for val/fid
         f"hydra.run.dir={tmp_path / 'run'}",
         home=home,
     )
@@ -110,16 +145,26 @@ def test_corrupt_last_checkpoint_is_reported_and_kept(tmp_path: Path, home: Path
 
 @pytest.mark.slow
 def test_checkpoint_of_another_model(tmp_path: Path, home: Path, trained_run: Path) -> None:
+    """A run dir of another config is refused with the keys that differ; continued anyway (resume=force),
+    its checkpoint is refused with the first tensor that does not fit."""
     before = fingerprint(trained_run)
-    result = run_cli(*FAST, "model.generator.width=16", f"hydra.run.dir={trained_run}", home=home)
-    assert_clean_failure(result, "of another model", "generator.net.0.weight")
+    changed = [*FAST, "model.generator.width=16", f"hydra.run.dir={trained_run}"]
+    result = run_cli(*changed, home=home)
+    assert_clean_failure(
+        result, "holds a run of another config (model.generator.width differs", "resume=force"
+    )
+    forced = run_cli(*changed, "resume=force", home=home)
+    assert_clean_failure(forced, "of another model", "generator.net.0.weight")
     assert fingerprint(trained_run) == before
 
 
-@pytest.mark.slow
 def test_a_misspelt_monitor_metric_names_the_metrics_logged(tmp_path: Path, home: Path) -> None:
+    """Before training: the task declares what its validation logs (Task.validation_metrics)."""
     result = run_cli(*FAST, "monitor.metric=val/pixel_df", f"hydra.run.dir={tmp_path / 'run'}", home=home)
-    assert_clean_failure(result, "monitor.metric=val/pixel_df is never logged", "'val/pixel_fd'")
+    assert_clean_failure(
+        result, "monitor.metric=val/pixel_df is never logged", "did you mean monitor.metric=val/pixel_fd"
+    )
+    assert result.returncode == 2 and not (tmp_path / "run").exists()
 
 
 def test_a_run_dir_that_cannot_be_created_is_one_line(tmp_path: Path, home: Path) -> None:
@@ -132,10 +177,14 @@ def test_a_run_dir_that_cannot_be_created_is_one_line(tmp_path: Path, home: Path
 
 @pytest.mark.slow
 def test_a_wrong_value_never_reaches_the_slurm_queue(tmp_path: Path, home: Path) -> None:
+    """Refused before a dry run writes job.sbatch, before even the run dir exists: a task's value, and a
+    time limit sbatch would refuse (a dry run never asks sbatch)."""
     run_dir = tmp_path / "run"
     args = ["+exp=dcgan", "launcher=slurm", "slurm.dry_run=true", f"hydra.run.dir={run_dir}"]
     assert_clean_failure(run_cli(*args, "trainer.max_epochs=ten", home=home), "trainer.max_epochs='ten'")
-    assert not (run_dir / "slurm" / "job.sbatch").exists()
+    refused = run_cli(*args, "slurm.time=forever", home=home)
+    assert_clean_failure(refused, "slurm.time='forever' is out of range", "days-hours:minutes:seconds")
+    assert refused.returncode == 2 and not run_dir.exists()
     assert run_cli(*args, home=home).returncode == 0 and (run_dir / "slurm" / "job.sbatch").is_file()
 
 

@@ -95,3 +95,21 @@ def test_resume_never_keeps_earlier_checkpoints(tmp_path: Path) -> None:
     assert len(kept) == 1 and kept[0].read_bytes() == b"earlier work"
     with pytest.raises(UserError, match="resume=sometimes is not an option"):
         resume_checkpoint(tmp_path, "sometimes", None)
+
+
+def test_a_new_job_removes_the_unfinished_writes_of_a_killed_one(tmp_path: Path) -> None:
+    checkpoints, bundle = tmp_path / "checkpoints", tmp_path / "divergence" / "step000005-nonfinite"
+    for folder in (checkpoints, bundle):
+        folder.mkdir(parents=True)
+    kept = [checkpoints / "last.ckpt", checkpoints / "best-epoch000-step000004.ckpt", bundle / "bundle.pt"]
+    unfinished = [
+        checkpoints / ".last.ckpt.tmp4242",
+        checkpoints / ".best.ckpt.tmp17",
+        bundle / ".bundle.pt.tmp9",
+    ]
+    for path in kept + unfinished:
+        path.write_bytes(b"x")
+    assert resume_checkpoint(tmp_path, "auto", None, keep_old=False) == str(checkpoints / "last.ckpt")
+    assert all(path.exists() for path in unfinished)  # (not the process that tidies)
+    assert resume_checkpoint(tmp_path, "auto", None) == str(checkpoints / "last.ckpt")
+    assert all(path.exists() for path in kept) and not any(path.exists() for path in unfinished)

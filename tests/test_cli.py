@@ -1,11 +1,30 @@
 """The real command line, end to end: train, read the W&B offline run back, resume into the same run."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
-from conftest import TINY_DCGAN, run_cli
+from helpers import TINY_DCGAN, run_cli
 from wandb_offline import find_runs, read_run
+
+from trainer.cli.preflight import unwritable_run_dir
+
+
+def test_a_run_dir_is_read_as_hydra_reads_it_and_checked_without_being_made(tmp_path: Path) -> None:
+    quoted = f'hydra.run.dir="{tmp_path}/a/b"'  # as Lightning's DDP launcher passes it to rank 1
+    assert unwritable_run_dir([quoted, f"++hydra.sweep.dir={tmp_path}/c"]) is None
+    assert list(tmp_path.iterdir()) == []  # nothing made, least of all a folder named '"'
+    (tmp_path / "file").write_text("")
+    problem = unwritable_run_dir([f"hydra.run.dir={tmp_path}/file/run"])
+    assert problem == (
+        f"hydra.run.dir={tmp_path}/file/run cannot be created ({tmp_path}/file is a file): "
+        "choose a folder you can write"
+    )
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if os.geteuid() != 0:  # (root writes anywhere)
+        assert "is not writable" in unwritable_run_dir([f"hydra.run.dir={locked}/run"])
 
 
 @pytest.mark.slow
@@ -73,13 +92,22 @@ def test_dcgan_trains_logs_to_wandb_and_resumes_into_the_same_run(tmp_path: Path
 
 @pytest.mark.slow
 def test_two_process_ddp_makes_one_wandb_run_and_distinct_rank_streams(tmp_path: Path, home: Path) -> None:
+    """Run from an empty folder, which it leaves empty: Lightning starts rank 1 with the run dir quoted,
+    and that must not become a folder named `"/tmp/...` there."""
     import torch
 
-    run_dir = tmp_path / "run"
+    run_dir, here = tmp_path / "run", tmp_path / "cwd"
+    here.mkdir()
     result = run_cli(
-        *TINY_DCGAN, "trainer=ddp_cpu", "++trainer.max_epochs=1", f"hydra.run.dir={run_dir}", home=home
+        *TINY_DCGAN,
+        "trainer=ddp_cpu",
+        "++trainer.max_epochs=1",
+        f"hydra.run.dir={run_dir}",
+        home=home,
+        cwd=here,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert list(here.iterdir()) == []
     assert len(find_runs(run_dir / "wandb")) == 1  # only rank 0 creates a W&B run
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 8  # 4 batches per rank, 2 optimizers

@@ -1,13 +1,21 @@
 """Every config composes; --help lists the groups; the wheel carries the configs; errors name the key."""
 
+import os
+import sys
 import zipfile
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
-from conftest import REPO, compose_config
+from helpers import REPO, compose_config
 from omegaconf import OmegaConf
 
-from trainer.config import check_arguments, check_config
+from trainer.cli.preflight import check_before_hydra
+from trainer.config.build import build_settings, check_arguments, import_target
+from trainer.config.check import check_config
+from trainer.config.signatures import class_attribute
+from trainer.distributed.settings import DistributedSettings
+from trainer.divergence.settings import DivergenceSettings
 from trainer.errors import UserError
 
 CONF = REPO / "conf"
@@ -61,7 +69,8 @@ def test_exp_is_not_in_primary_defaults() -> None:
 def test_gpu_preset_turns_on_the_fast_paths(tmp_path: Path) -> None:
     cfg = compose_config("+exp=dcgan", "trainer=gpu", run_dir=tmp_path)
     assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
-    assert cfg.perf.compile and cfg.perf.channels_last and cfg.data.pin_memory and cfg.data.num_workers > 0
+    assert cfg.perf.channels_last and cfg.data.pin_memory and cfg.data.num_workers > 0
+    assert not cfg.perf.compile  # measured no faster on a GPU (conf/trainer/gpu.yaml): the user's switch
     assert cfg.trainer.max_epochs == 25  # the exp still wins over the preset's defaults
     cpu = compose_config("+exp=dcgan", run_dir=tmp_path)
     assert not (cpu.perf.compile or cpu.perf.channels_last or cpu.data.pin_memory)
@@ -73,6 +82,117 @@ def test_unknown_key_is_refused_with_a_suggestion(tmp_path: Path) -> None:
 
     with pytest.raises(UserError, match=r"trainer.max_epocs .*did you mean trainer.max_epochs"):
         check_arguments(Trainer, cfg.trainer, "trainer")
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        # Hydra itself refuses a plain override of a key that is not there, with a page of text
+        (["task.lrr=1"], "task.lrr is not an option of trainer.tasks.gan.DCGAN: did you mean task.lr?"),
+        (["+task.lrr=1"], "task.lrr is not an option of trainer.tasks.gan.DCGAN: did you mean task.lr?"),
+        (
+            ["trainer.max_epocs=3"],
+            "trainer.max_epocs is not an option of lightning.pytorch.Trainer: did you mean",
+        ),
+        (["monitor.metricc=x"], "monitor.metricc is not a key of monitor: did you mean monitor.metric?"),
+        (["+monitor.metricc=x"], "monitor.metricc is not a key of monitor: did you mean monitor.metric?"),
+        (["++monitor.metricc=x"], "monitor.metricc is not a key of monitor: did you mean monitor.metric?"),
+        (["++seedd=1"], "seedd is not a key of the config: did you mean seed?"),
+        (["++perf.nope=1"], "perf.nope is not a key of perf: its keys are compile, compile_backend,"),
+        (  # settings within settings: checked against their own class (trainer/divergence/settings.py)
+            ["divergence.spike.treshold=3"],
+            "divergence.spike.treshold is not an option of trainer.divergence.settings.SpikeSettings: "
+            "did you mean divergence.spike.threshold?",
+        ),
+        (
+            ["+distributed.outer.lrr=1"],
+            "distributed.outer.lrr is not an option of trainer.distributed.settings.OuterSettings: "
+            "did you mean distributed.outer.lr?",
+        ),
+        (
+            ["divergence.spike.per_series.x=1"],  # (an empty node takes any key, added with +)
+            "divergence.spike.per_series.x is not a key of divergence.spike.per_series: to add it, write +",
+        ),
+    ],
+)
+def test_a_key_no_option_has_is_one_line_with_or_without_plus(overrides: list[str], message: str) -> None:
+    with pytest.raises(UserError) as refused:
+        check_before_hydra(["+exp=dcgan", *overrides])
+    assert str(refused.value).startswith(message)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["++seed=3", "++monitor.metric=train/d_loss"],  # keys that are there; a train/ metric is the step's
+        ["+divergence.spike.per_series.x={threshold: 8}"],  # an empty node takes any key
+        ["++trainer.max_epochs=1", "hparams_search=dcgan_optuna"],  # a group, and a sweep's values
+        ["+tune.num_samples=2", "seed=1,2"],  # a node that configures a class (SETTINGS), a sweep
+    ],
+)
+def test_keys_that_are_there_or_may_be_added_pass(overrides: list[str]) -> None:
+    check_before_hydra(["+exp=dcgan", *overrides])
+
+
+def test_a_new_key_for_a_target_that_takes_any_is_added_with_plus(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "takes_any_keyword.py").write_text(
+        "class Task:\n    def __init__(self, **kwargs):\n        pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    own = ["+exp=dcgan", "task._target_=takes_any_keyword.Task"]
+    with pytest.raises(
+        UserError, match=r"^task\.verbosity is not a key of task: to add it, write \+task\.verbosity=1$"
+    ):
+        check_before_hydra([*own, "task.verbosity=1"])  # (which Hydra would refuse)
+    check_before_hydra([*own, "+task.verbosity=1"])
+
+
+def test_a_monitor_metric_the_task_does_not_declare_is_refused_before_training(tmp_path: Path) -> None:
+    cfg = compose_config("+exp=dcgan", "monitor.metric=val/pixel_df", run_dir=tmp_path)
+    with pytest.raises(UserError) as refused:
+        check_config(cfg)
+    assert str(refused.value) == (
+        "monitor.metric=val/pixel_df is never logged by trainer.tasks.gan.DCGAN (its validation logs "
+        "val/fid, val/inception_score, val/fid_real_floor, val/inception_score_real_ceiling, val/pixel_fd, "
+        "val/sample_diversity): did you mean monitor.metric=val/pixel_fd?"
+    )
+
+
+def test_declared_metrics_are_read_from_source_through_the_public_task(tmp_path: Path, monkeypatch) -> None:
+    """An own task subclasses `trainer.Task`, exported lazily: the check follows it to the Task's own
+    declaration (none) without importing anything, and reads a subclass's own."""
+    (tmp_path / "own_declarations.py").write_text(
+        "from trainer import Task\n\n\nclass Quiet(Task):\n    pass\n\n\n"
+        "class Loud(Quiet):\n    validation_metrics = {'val/a': 'max', 'val/b': None}\n\n\n"
+        "class Louder(Loud):\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(tmp_path)
+    assert class_attribute("own_declarations.Quiet", "validation_metrics") == {}
+    assert class_attribute("own_declarations.Louder", "validation_metrics") == {"val/a": "max", "val/b": None}
+    assert "own_declarations" not in sys.modules
+
+
+def test_an_unimportable_target_says_why(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))  # (as `trainer` and `python -m trainer` do)
+    (tmp_path / "raises_at_import.py").write_text("1 / 0\n")
+    expected = {
+        "not_a_module_here.Task": (
+            f"no module named not_a_module_here (looked in the working directory {tmp_path} and "
+            f"{'PYTHONPATH ' if os.environ.get('PYTHONPATH') else 'the installed packages'}"
+        ),
+        "not_a_package_here.tasks.Task": "no module named not_a_package_here (",
+        "trainer.tasks.gan.DCGA": "module trainer.tasks.gan (",
+        "raises_at_import.Task": "importing raises_at_import raised ZeroDivisionError: division by zero",
+    }
+    for target, reason in expected.items():
+        with pytest.raises(UserError) as refused:
+            import_target(target, "task")
+        assert str(refused.value).startswith(f"task._target_={target} cannot be imported: {reason}")
+    with pytest.raises(UserError, match=r"has no DCGA: did you mean trainer\.tasks\.gan\.DCGAN\?$"):
+        import_target("trainer.tasks.gan.DCGA", "task")
+    with pytest.raises(UserError, match=r"holds not_a_package_here/, or add it to PYTHONPATH$"):
+        import_target("not_a_package_here.tasks.Task", "task")
 
 
 @pytest.mark.parametrize(
@@ -123,6 +243,24 @@ def test_the_whole_config_check_finds_a_bad_value_anywhere(
         check_config(compose_config("+exp=dcgan", *overrides, run_dir=tmp_path))
 
 
+def test_settings_default_to_what_conf_ships() -> None:
+    """The settings classes that check and build `divergence` and `distributed` say what conf/ says."""
+    shipped = OmegaConf.to_container(OmegaConf.load(CONF / "divergence" / "default.yaml"))
+    shipped["metric"].update(name=None, mode="min")  # (conf/ takes monitor.metric and monitor.mode)
+    assert asdict(DivergenceSettings()) == shipped
+    distributed = OmegaConf.to_container(OmegaConf.load(CONF / "config.yaml").distributed)
+    assert asdict(DistributedSettings()) == distributed
+
+
+def test_settings_are_built_with_the_settings_within_them() -> None:
+    node = {"action": "halt", "spike": {"threshold": 8.0, "per_series": {"grad_norm/*": {"min_ratio": 10}}}}
+    settings = build_settings(DivergenceSettings, node, "divergence")
+    assert settings.action == "halt" and settings.spike.threshold == 8.0 and settings.spike.window == 200
+    assert settings.spike.per_series == {"grad_norm/*": {"min_ratio": 10}} and settings.level.window == 20
+    with pytest.raises(UserError, match=r"^divergence\.spike: .*'treshold'"):
+        build_settings(DivergenceSettings, {"spike": {"treshold": 8.0}}, "divergence")
+
+
 def test_wheel_carries_the_configs_and_runs_from_any_directory(tmp_path: Path, home: Path) -> None:
     import os
     import subprocess
@@ -162,20 +300,37 @@ def targets_in_conf() -> list[str]:
 
 @pytest.mark.parametrize("target", targets_in_conf())
 def test_signatures_read_from_source_match_the_imported_ones(target: str) -> None:
-    import inspect
-
     from hydra.utils import get_object
 
-    from trainer.config import _type_hints
-    from trainer.signatures import source_signature
+    from trainer.config.build import _type_hints
+    from trainer.config.signatures import source_signature
 
     read = source_signature(target)
     assert read is not None, f"{target}: the check would have to import it"
-    params = inspect.signature(get_object(target)).parameters.values()
-    assert read.names == [p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
-    assert read.takes_any == any(p.kind is p.VAR_KEYWORD for p in params)
-    imported = _type_hints(get_object(target))
-    assert read.hints == {k: imported[k] for k in read.hints}
+    obj = get_object(target)
+    names, takes_any = parameters(obj)
+    own = {k: v for k, v in read.hints.items() if k in names}
+    assert own == {k: _type_hints(obj)[k] for k in own}
+    if read.names != names:  # its `**kwargs` go on to its base class's __init__: the base's parameters follow
+        base = obj.__mro__[1]
+        base_names, takes_any = parameters(base)
+        names += [n for n in base_names if n not in names]
+        # (Lightning's own hints name classes imported only for type checkers: where importing resolves them)
+        inherited = _type_hints(base)
+        assert {k: read.hints[k] for k in inherited if k in read.hints} == {
+            k: inherited[k] for k in inherited if k in read.hints
+        }
+    assert read.names == names
+    assert read.takes_any == takes_any
+
+
+def parameters(obj: object) -> tuple[list[str], bool]:
+    """The names a config may set, and whether it may set any other (`**kwargs`)."""
+    import inspect
+
+    params = inspect.signature(obj).parameters.values()
+    names = [p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    return names, any(p.kind is p.VAR_KEYWORD for p in params)
 
 
 def test_a_config_is_checked_without_importing_what_it_configures() -> None:
@@ -185,7 +340,7 @@ def test_a_config_is_checked_without_importing_what_it_configures() -> None:
 
     code = (
         "import sys; from hydra import compose, initialize_config_dir\n"
-        "from trainer.__main__ import config_dir; from trainer.config import check_config\n"
+        "from trainer.cli.preflight import config_dir; from trainer.config.check import check_config\n"
         "from trainer.errors import UserError\n"
         "with initialize_config_dir(config_dir(), version_base='1.3'):\n"
         "    cfg = compose('config', overrides=['+exp=dcgan', 'trainer.max_epochs=ten'])\n"

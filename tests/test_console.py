@@ -1,8 +1,10 @@
 """What a run says: the quiet console, train.log, the end-of-run summary, `--help`, and the W&B mode rules."""
 
+import importlib
 import logging
 import math
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -10,13 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY_DCGAN, cli_env, compose_config
+from helpers import REPO, TINY_DCGAN, TINY_QA, cli_env, compose_config
 
 from trainer.callbacks.best_checkpoint import BestCheckpoint
-from trainer.cli_help import docs
-from trainer.console import setup_logging
+from trainer.metrics.image_quality import frechet_distance
+from trainer.reporting.console import setup_logging
 from trainer.run import train
-from trainer.tasks.gan import frechet_distance
 
 SUMMARY_START = "── run "
 
@@ -88,6 +89,70 @@ def test_other_ranks_write_only_their_warnings_marked_with_their_rank(tmp_path, 
     assert "only rank zero" not in logged
 
 
+def test_library_loggers_print_through_the_run_console_and_keep_their_own_files(tmp_path, capsys):
+    """As Ray Train sets up its loggers in its processes: DEBUG, a console handler and a file of its own."""
+    library = logging.getLogger("ray.train.example")
+    own_file = logging.FileHandler(tmp_path / "ray-train.log")
+    library.handlers[:] = [logging.StreamHandler(sys.stderr), own_file]
+    library.setLevel(logging.DEBUG)
+    library.propagate = False
+    try:
+        setup_logging(tmp_path, rank=0)
+        library.debug("polling")
+        library.info("Checkpoint successfully created")
+        library.error("Error in training function:\n" + TRACEBACK_TEXT)
+        assert capsys.readouterr().err.splitlines() == [
+            "error: Error in training function: RuntimeError: Connection reset by peer"
+        ]
+        logged = (tmp_path / "train.log").read_text()
+        assert "Checkpoint successfully created" in logged and TRACEBACK_TEXT in logged
+        assert "polling" not in logged and "polling" in (tmp_path / "ray-train.log").read_text()
+    finally:
+        library.handlers.clear()
+        own_file.close()
+
+
+TRACEBACK_TEXT = """Traceback (most recent call last):
+  File "/x/trainer/run.py", line 84, in train
+    pl_trainer.fit(module)
+RuntimeError: Connection reset by peer
+
+At:
+  /x/torch/distributed/default_hooks.py(31): <lambda>
+"""
+
+
+def ray_batch(actor: str, pid: int, is_err: bool, *lines: str) -> dict:
+    """What Ray's log monitor hands the driver: lines one process printed on this node."""
+    local = {"ip": "127.0.0.1", "localhost": "127.0.0.1"}
+    return {**local, "actor_name": actor, "pid": pid, "is_err": is_err, "lines": list(lines)}
+
+
+def test_ray_processes_output_reaches_train_log_and_the_workers_lines_the_console(tmp_path, capsys):
+    from trainer.launchers.ray import route_output
+
+    importlib.import_module("ray")  # which gives its loggers console handlers of their own, as on the driver
+    setup_logging(tmp_path, rank=0)
+    route_output(ray_batch("TrainController", 11, True, "Requesting resources: {'CPU': 1} * 2"))
+    route_output(
+        ray_batch(
+            "RayTrainWorker",
+            12,
+            True,
+            "Setting up process group for: env:// [rank=0, world_size=2]",  # Ray Train's, before train()
+            "trainer: run dir /x",
+            "warning: [rank 1] a warning of rank 1",
+        )
+    )
+    route_output(ray_batch("RayTrainWorker", 12, False, "Epoch 0/0 ━━━━ 2/2"))
+    console = capsys.readouterr()
+    assert console.err.splitlines() == ["trainer: run dir /x", "warning: [rank 1] a warning of rank 1"]
+    assert console.out.splitlines() == ["Epoch 0/0 ━━━━ 2/2"]
+    logged = (tmp_path / "train.log").read_text()
+    assert "ray.processes: (TrainController pid=11) Requesting resources" in logged
+    assert "ray.processes: (RayTrainWorker pid=12) Setting up process group" in logged
+
+
 def test_help_fits_one_screen_and_shows_a_composed_config_only_for_an_exp(tmp_path: Path):
     def run(*args: str) -> str:
         done = subprocess.run(
@@ -112,7 +177,7 @@ def test_help_fits_one_screen_and_shows_a_composed_config_only_for_an_exp(tmp_pa
 
 
 def test_tab_completion_offers_group_options(tmp_path: Path):
-    """What the README's `eval "$(trainer -sc install=bash)"` asks for at each <TAB>."""
+    """What docs/experiments.md's `eval "$(trainer -sc install=bash)"` asks for at each <TAB>."""
     env = {**cli_env(tmp_path), "COMP_LINE": "trainer +exp=dcgan launcher="}
     done = subprocess.run(
         [sys.executable, "-m", "trainer", "-sc", "query=bash"],
@@ -122,13 +187,6 @@ def test_tab_completion_offers_group_options(tmp_path: Path):
         timeout=60,
     )
     assert done.stdout.split() == ["launcher=local", "launcher=ray", "launcher=slurm"], done.stderr
-
-
-def test_docs_come_from_the_installed_package_and_find_sections():
-    assert docs().startswith("# trainer")
-    resuming = docs("resuming")
-    assert resuming.startswith("## Resuming") and "## Install" not in resuming
-    assert "no README section about 'zzz'" in docs("zzz")
 
 
 @pytest.mark.parametrize(
@@ -144,7 +202,7 @@ def test_docs_come_from_the_installed_package_and_find_sections():
 def test_wandb_mode_rules(tmp_path, monkeypatch, explicit, env_mode, saved, api_key, expected):
     import wandb
 
-    from trainer.loggers import resolve_wandb_mode
+    from trainer.reporting.loggers import resolve_wandb_mode
 
     for key in [k for k in os.environ if k.startswith("WANDB_")]:
         monkeypatch.delenv(key)
@@ -208,15 +266,25 @@ def test_a_healthy_run_says_what_matters_and_train_log_keeps_it(tmp_path: Path):
     others = [line for line in console if not line.startswith(("trainer: ", SUMMARY_START, "  "))]
     assert others == [], others
     assert not any("warning" in line.lower() for line in console)
-    assert summary.startswith("── run finished in") and "val/pixel_fd (monitored)  final" in summary
-    assert f"best checkpoint           {run_dir}/checkpoints/best-" in summary
-    assert "divergence                no events" in summary
+    assert summary.startswith("── run finished in")
+    assert re.search(r"\n  val/fid \(monitored\) +final ", summary)
+    assert re.search(rf"\n  best checkpoint +{re.escape(str(run_dir))}/checkpoints/best-", summary)
+    assert re.search(r"\n  divergence +no events\n", summary)
     assert f"offline; upload with: wandb sync {run_dir}/wandb/offline-run-" in summary
     assert (run_dir / "summary.txt").read_text().rstrip() == summary
     logged = (run_dir / "train.log").read_text()
     for line in console:  # everything the console showed
         assert line.removeprefix("trainer: ").strip() in logged, line
     assert "GPU available" in logged  # and what it did not
+
+
+@pytest.mark.slow
+def test_a_pretrained_model_loads_without_a_progress_bar(tmp_path: Path):
+    """transformers draws a "Loading weights" bar for every pretrained model it loads (every rank's)."""
+    done = run_cli_plain(*TINY_QA, f"hydra.run.dir={tmp_path / 'run'}", home=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Loading weights" not in done.stdout + done.stderr, done.stderr[-3000:]
+    assert "trainer: run dir" in done.stderr
 
 
 @pytest.mark.slow
@@ -235,15 +303,19 @@ def test_divergence_events_and_the_summary_reach_train_log(tmp_path: Path):
     logged = (skip_dir / "train.log").read_text()
     assert "WARNING [rank 0] trainer.divergence.guard: divergence at step 2 (skip)" in logged
     summary = summary_block(skipped.stderr)
-    assert (
-        summary.startswith("── run finished")
-        and "divergence                1 event; the first at step 2" in summary
+    assert summary.startswith("── run finished") and re.search(
+        r"divergence +1 event; the first at step 2", summary
     )
     assert f"python -m trainer.replay {skip_dir}/divergence/step000002-nonfinite" in summary
     assert summary in logged
 
     halted = run_cli_plain(
-        *TINY_DCGAN, *inject, "++trainer.max_epochs=1", f"hydra.run.dir={halt_dir}", home=tmp_path
+        *TINY_DCGAN,
+        *inject,
+        "divergence.action=halt",
+        "++trainer.max_epochs=1",
+        f"hydra.run.dir={halt_dir}",
+        home=tmp_path,
     )
     assert halted.returncode == 2
     lines = halted.stderr.splitlines()

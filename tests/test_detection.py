@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_clean_failure, compose_config, last_step, run_cli
+from helpers import assert_clean_failure, compose_config, last_step, run_cli
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
@@ -17,11 +17,11 @@ from wandb_offline import find_runs, read_run
 
 from trainer.data.coco import CocoDetection, collate
 from trainer.data.digit_canvases import INK, write_digit_canvases
+from trainer.divergence.replay import replay
 from trainer.errors import UserError
 from trainer.metrics.coco import coco_ap, detections_to_coco
 from trainer.models.boxes import batched_nms, box_iou, generalized_box_iou, nms, sigmoid_focal_loss
 from trainer.models.detector import FCOSLite
-from trainer.replay import replay
 from trainer.run import train
 
 
@@ -31,9 +31,9 @@ def test_iou_and_giou_by_hand():
         [
             [5.0, 0.0, 15.0, 10.0],  # half overlapping: 50 / 150
             [20.0, 0.0, 30.0, 10.0],  # disjoint, 10 apart: enclosing 300, union 200
-            [0.0, 0.0, 10.0, 10.0],
+            [0.0, 0.0, 10.0, 10.0],  # the same box
         ]
-    )  # the same box
+    )
     assert torch.allclose(box_iou(a, b), torch.tensor([[1 / 3, 0.0, 1.0]]))
     assert torch.allclose(generalized_box_iou(a, b), torch.tensor([[1 / 3, -1 / 3, 1.0]]))
 
@@ -161,9 +161,8 @@ def test_predictions_convert_from_xyxy_labels_to_coco_entries():
 def test_digit_canvases_are_a_coco_data_set_with_exact_boxes(tmp_path):
     root = write_digit_canvases(tmp_path, train_images=40, val_images=10, seed=3)
     first = (root / "annotations" / "train.json").read_text()
-    assert (
-        write_digit_canvases(tmp_path, train_images=40, val_images=10, seed=3) == root
-    )  # reused, not redrawn
+    # reused, not redrawn
+    assert write_digit_canvases(tmp_path, train_images=40, val_images=10, seed=3) == root
     assert (root / "annotations" / "train.json").read_text() == first
     data = CocoDetection(root / "annotations" / "train.json", root / "train")
     assert len(data) == 40 and data.class_names == [str(d) for d in range(10)]
@@ -347,9 +346,8 @@ def test_done_when_command_writes_ap_to_metrics_json(tmp_path, home):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     reference = pycocotools_summary(run_dir)  # the last checkpoint scored by pycocotools itself
     for key, value in zip(("val/AP", "val/AP50", "val/AP75"), reference):
-        assert metrics[key]["mode"] == "max" and metrics[key]["final"] == pytest.approx(value, rel=1e-6), (
-            key
-        )  # float32 logs
+        # float32 logs
+        assert metrics[key]["mode"] == "max" and metrics[key]["final"] == pytest.approx(value, rel=1e-6), key
     assert metrics["val/AP50"]["final"] > 0.05
     # W&B: validation images with predicted and true boxes, and the per-class AP table.
     run = read_run(find_runs(run_dir / "wandb")[0])

@@ -4,23 +4,29 @@ tools."""
 import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_DCGAN, compose_config, divergence_events, run_cli, run_replay
+from helpers import REPO, TINY_DCGAN, TINY_QA, compose_config, divergence_events, run_cli, run_replay
+from omegaconf import open_dict
 from wandb_offline import find_runs, read_run
 
+from trainer.data.loading import ResumableLoader
 from trainer.divergence.bundle import load_bundle, tensor_bytes
 from trainer.divergence.checks import InitialLossCheck, gradient_check
-from trainer.divergence.detectors import CollapseWatch, LevelDetector, SpikeDetector
+from trainer.divergence.collapse import CollapseWatch
+from trainer.divergence.detectors import LevelDetector, MetricLevel, SeriesWatch, SpikeDetector
+from trainer.divergence.lr_find import suggest
+from trainer.divergence.replay import replay
 from trainer.errors import UserError
-from trainer.loggers import log_step
-from trainer.replay import replay
+from trainer.lightning_internals import log_step
 from trainer.run import build_task, build_trainer, train
-from trainer.tasks.base import GANReport, PolicyReport, ValueReport
+from trainer.tasks.base import GANReport, PolicyReport, StepReport, Task, ValueReport, step_report
 
 FAST = [*TINY_DCGAN, "logger=none", "++trainer.max_epochs=1", "++trainer.limit_train_batches=8"]
 
@@ -189,7 +195,8 @@ def fit_with_probe(cfg, probe: L.Callback) -> L.Callback:
 
 
 def roll_back_at_step_6(run_dir: Path, *overrides: str, layer: str) -> list[dict]:
-    """A NaN weight in `layer` at step 6, rolled back to the snapshot of step 3; the probe's rows."""
+    """A NaN weight in `layer` at step 6, rolled back to the snapshot of step 3; the probe's rows. The guard
+    reads step 6 at the end of step 7, whose updates the gate dropped (the alarm froze the model)."""
     cfg = compose_config(
         *overrides,
         "logger=none",
@@ -221,11 +228,11 @@ def test_rollback_holds_under_ppo_annealing_and_rewinds_env_steps(tmp_path: Path
     )
     lr, total = 2.5e-4, 8192
     before = [r for r in rows if r["step"] < 6]
-    after = [r for r in rows if r["step"] > 6]
+    after = [r for r in rows if r["step"] > 7]
     assert before and all(r["lr"] == pytest.approx(lr * (1 - r["env_steps"] / total)) for r in before)
     assert after and all(r["lr"] == pytest.approx(0.5 * lr * (1 - r["env_steps"] / total)) for r in after)
-    # The snapshot was taken at the end of step 3 (4 rollouts of 4 x 128 env steps): step 7 starts there.
-    assert after[0]["step"] == 7 and after[0]["env_steps"] == 4 * 512
+    # The snapshot was taken at the end of step 3 (4 rollouts of 4 x 128 env steps): step 8 starts there.
+    assert after[0]["step"] == 8 and after[0]["env_steps"] == 4 * 512
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["env_steps"] >= total and checkpoint["callbacks"]["DivergenceGuard"]["lr_factor"] == 0.5
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values())
@@ -242,10 +249,10 @@ def test_rollback_restores_the_lr_schedule_and_halves_it(tmp_path: Path) -> None
         "++trainer.limit_val_batches=0",
         layer="encoder.qa_outputs",
     )
-    # The snapshot was taken at the end of step 3, after 4 scheduler steps; step 6's update was dropped.
-    assert [r["last_epoch"] for r in rows] == [0, 1, 2, 3, 4, 5, 6, 4, 5, 6, 7, 8]
+    # The snapshot was taken at the end of step 3, after 4 scheduler steps; steps 6 and 7 were dropped.
+    assert [r["last_epoch"] for r in rows] == [0, 1, 2, 3, 4, 5, 6, 7, 4, 5, 6, 7]
     assert all(r["lr"] == pytest.approx(r["scheduled"]) for r in rows if r["step"] < 6)
-    assert all(r["lr"] == pytest.approx(0.5 * r["scheduled"]) for r in rows if r["step"] > 6)
+    assert all(r["lr"] == pytest.approx(0.5 * r["scheduled"]) for r in rows if r["step"] > 7)
 
 
 class GradNormProbe(L.Callback):
@@ -273,6 +280,7 @@ def test_clip_scales_a_gradient_spike_down_to_the_detectors_limit(tmp_path: Path
         "divergence.spike.window=10",
         "divergence.spike.min_ratio=1.5",
         "divergence.spike.action=clip",
+        "divergence.blowup.enabled=false",  # (its first spike is 1,200x the median: a blow-up, rolled back)
         run_dir=run_dir,
     )
     probe = fit_with_probe(cfg, GradNormProbe())
@@ -336,28 +344,82 @@ def test_a_lasting_change_of_level_stops_alarming_after_patience() -> None:
     assert flags[0] == 100 and len(flags) < 15  # the new level becomes the normal one
 
 
-def test_collapse_needs_the_discriminator_to_win_for_k_steps() -> None:
-    watch, report = CollapseWatch(d_wins_steps=3), GANReport(losses={})
-    wins = {"D_x": 0.999, "D_G_z": 0.001}
-    assert watch.step(report, wins) is None and watch.step(report, wins) is None
-    assert watch.step(report, {"D_x": 0.6, "D_G_z": 0.4}) is None  # a healthy step breaks the streak
-    assert [watch.step(report, wins) is not None for _ in range(3)] == [False, False, True]
+def test_collapse_needs_the_discriminator_to_win_most_of_an_epoch() -> None:
+    watch, report = CollapseWatch(d_wins_share=0.5), GANReport(losses={})
+    wins, even = {"D_x": 0.999, "D_G_z": 0.001}, {"D_x": 0.6, "D_G_z": 0.4}
+    for step in range(10):  # epoch 0: won 5 of 10 steps, not more than half
+        assert watch.step(report, wins if step % 2 else even, epoch=0) is None
+    assert watch.epoch_end(0) is None
+    for step in range(10):  # epoch 1: 6 of 10, steps apart (a streak rule misses it)
+        watch.step(report, wins if step % 5 else even, epoch=1)
+    series, reason = watch.epoch_end(1)
+    assert series == "D_G_z" and "80% of epoch 1's steps" in reason
+    near = {"D_x": 0.999, "D_G_z": 0.008}  # winning, not outright: a healthy GAN's early epochs
+    for _ in range(10):
+        watch.step(report, near, epoch=2)
+    assert watch.epoch_end(2) is None
+
+
+def test_a_blowup_is_a_spike_far_past_its_limit() -> None:
+    watch = SeriesWatch({"warmup": 5, "window": 20}, blowup={"factor": 100.0})
+    for value in np.random.default_rng(0).uniform(0.9, 1.1, 30):
+        assert watch.update("grad_norm/net", float(value), loss=False) == []
+    limit, blowup = watch.limits("grad_norm/net")
+    assert blowup == pytest.approx(100 * limit) and 3 < limit < 10
+    assert [kind for kind, _ in watch.update("grad_norm/net", 20 * limit, loss=False)] == ["spike"]
+    assert [kind for kind, _ in watch.update("grad_norm/net", 200 * limit, loss=False)] == ["blowup"]
+    off = SeriesWatch({"warmup": 5, "window": 20}, blowup={"enabled": False})
+    for value in [1.0] * 10:
+        off.update("x", value, loss=False)
+    assert [kind for kind, _ in off.update("x", 1e12, loss=False)] == ["spike"]
+
+
+def test_the_monitored_metric_alarms_when_it_stays_far_below_its_best() -> None:
+    metric = MetricLevel("val/return", "max", margin=0.5, evaluations=2)
+    assert [metric.update(v) for v in (100, 300, 140, 200)] == [None] * 4  # 53% below once, then 33%
+    assert metric.update(120) is None  # 60% below: once
+    reason = metric.update(float("nan"))  # and a NaN: twice in a row
+    assert reason is not None and "val/return" in reason and "best 300" in reason
+    lower = MetricLevel("val/fd", "min", margin=0.5, evaluations=2)
+    assert [lower.update(v) for v in (10.0, 2.0, 3.5)] == [None] * 3
+    assert lower.update(3.2) is not None  # 75% and 60% above the best of 2.0
+    assert MetricLevel(None).name is None and MetricLevel("m", enabled=False).name is None
 
 
 def test_policy_and_value_collapse_read_their_bounds_from_the_report() -> None:
     watch = CollapseWatch(rl_steps=2)
     policy = PolicyReport(losses={}, max_entropy=math.log(2))
-    assert watch.step(policy, {"entropy": 0.5}) is None
-    assert [watch.step(policy, {"entropy": 0.05}) for _ in range(2)][-1][0] == "entropy"  # 7% of log 2
+    assert watch.step(policy, {"entropy": 0.5}, 0) is None
+    assert [watch.step(policy, {"entropy": 0.05}, 0) for _ in range(2)][-1][0] == "entropy"  # 7% of log 2
     continuous = PolicyReport(losses={}, max_entropy=None)  # no uniform policy to compare with
-    assert all(watch.step(continuous, {"entropy": -3.0}) is None for _ in range(5))
-    assert watch.step(continuous, {"entropy": -3.0, "approx_kl": 0.05}) is None  # a large but sane update
-    assert (
-        watch.step(continuous, {"entropy": -3.0, "approx_kl": 1.5})[0] == "approx_kl"
-    )  # out of its trust region
+    assert all(watch.step(continuous, {"entropy": -3.0}, 0) is None for _ in range(5))
+    sane = {"entropy": -3.0, "approx_kl": 0.05}  # a large but sane update
+    assert watch.step(continuous, sane, 0) is None
+    out = {"entropy": -3.0, "approx_kl": 1.5}  # out of its trust region
+    assert watch.step(continuous, out, 0)[0] == "approx_kl"
     values = ValueReport(losses={}, max_return=100.0)
-    assert all(watch.step(values, {"q_values": 150.0}) is None for _ in range(5))  # overestimates, below 2x
-    assert [watch.step(values, {"q_values": 250.0}) for _ in range(2)][-1][0] == "q_values"
+    assert all(watch.step(values, {"q_values": 150.0}, 0) is None for _ in range(5))  # overestimates
+    assert [watch.step(values, {"q_values": 250.0}, 0) for _ in range(2)][-1][0] == "q_values"
+
+
+@dataclass
+class ActorCriticReport(StepReport):
+    """A task family the guard has not seen: it names the collapse checks its numbers allow."""
+
+    collapse_checks: ClassVar[tuple[str, ...]] = ("policy_entropy", "q_values")
+    entropy: torch.Tensor | None = None
+    max_entropy: float | None = None
+    q_values: torch.Tensor | None = None
+    max_return: float | None = None
+
+
+def test_a_report_type_names_the_collapse_checks_that_apply_to_it() -> None:
+    watch = CollapseWatch(rl_steps=1)
+    report = ActorCriticReport(losses={}, max_entropy=math.log(2), max_return=10.0)
+    assert watch.step(report, {"entropy": 0.6, "q_values": 30.0}, 0)[0] == "q_values"
+    assert watch.step(report, {"entropy": 0.01, "q_values": 1.0}, 0)[0] == "entropy"
+    plain = {"entropy": 0.01, "q_values": 30.0, "approx_kl": 9.0, "D_x": 1.0, "D_G_z": 0.0}
+    assert watch.step(StepReport(losses={}), plain, 0) is None  # a plain report names none
 
 
 def test_level_sees_a_loss_that_climbs_back_and_stays() -> None:
@@ -409,6 +471,148 @@ def test_the_lr_finder_follows_dqns_td_loss(tmp_path: Path) -> None:
     )
     losses = json.loads((run_dir / "lr_find.json").read_text())["loss"]
     assert len(losses) >= 3 and all(loss > 0 for loss in losses)
+
+
+def test_lr_find_runs_a_task_whose_schedule_is_sized_by_the_run(tmp_path: Path) -> None:
+    """QA's warm-up schedule (and the detector's one cycle) is sized by the run's length, which lr_find left
+    open: building it failed on an infinite number of steps."""
+    train(compose_config(*TINY_QA, "mode=lr_find", "lr_find.num_steps=5", "logger=none", run_dir=tmp_path))
+    assert len(json.loads((tmp_path / "lr_find.json").read_text())["lr"]) == 5
+    assert not (tmp_path / "checkpoints").exists()  # nor did Lightning save the weights the sweep blew up
+
+
+class Diabetes(L.LightningDataModule):
+    """scikit-learn's diabetes data (442 patients, 10 features), features and target standardised; the
+    training part of a split by `seed`."""
+
+    def __init__(self, batch_size: int = 64, val_fraction: float = 0.2, seed: int = 0):
+        super().__init__()
+        self.batch_size, self.val_fraction, self.seed = batch_size, val_fraction, seed
+
+    def setup(self, stage: str) -> None:
+        from sklearn.datasets import load_diabetes
+
+        data = load_diabetes()
+        x, y = (torch.tensor(v, dtype=torch.float32) for v in (data.data, data.target))
+        x, y = (x - x.mean(0)) / x.std(0), (y - y.mean()) / y.std()
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.seed))
+        train = order[int(self.val_fraction * len(y)) :]
+        self.train_set = torch.utils.data.TensorDataset(x[train], y[train])
+
+    def train_dataloader(self) -> ResumableLoader:
+        return ResumableLoader(self.train_set, self.batch_size, seed=self.seed, drop_last=True)
+
+
+class RegressionMLP(torch.nn.Sequential):
+    def __init__(self, hidden: int = 64):
+        super().__init__(torch.nn.Linear(10, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1))
+
+
+class Regressor(Task):
+    """The issue's MLP regressor: Adam on the mean squared error."""
+
+    def __init__(self, network: torch.nn.Module, lr: float = 1e-3, momentum: float | None = None):
+        super().__init__()
+        self.network, self.lr = network, lr
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.network.parameters(), lr=self.lr)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        inputs, targets = batch
+        loss = torch.nn.functional.mse_loss(self.network(inputs).squeeze(1), targets)
+        self.report(StepReport(losses={"loss": loss}))
+        return loss
+
+
+class LossRecorder(L.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, *args) -> None:
+        self.losses.append(float(step_report(pl_module, outputs).losses["loss"]))
+
+
+# The own task's exp (tests/own_task) with the regressor in place of its classifier.
+REGRESSOR = [
+    f"hydra.searchpath=[file://{REPO / 'tests' / 'own_task' / 'conf'}]",
+    "+exp=digit_classifier",
+    f"task._target_={__name__}.Regressor",
+    f"data._target_={__name__}.Diabetes",
+    f"model.network._target_={__name__}.RegressionMLP",
+    "monitor.metric=null",
+    "logger=none",
+    "++trainer.enable_progress_bar=false",
+]
+
+
+def final_loss(run_dir: Path, lr: float, steps: int) -> float:
+    """The mean loss of the last 10 of `steps` steps at a constant rate `lr`."""
+    cfg = compose_config(
+        *REGRESSOR,
+        f"task.lr={lr}",
+        f"++trainer.max_steps={steps}",
+        "++trainer.max_epochs=-1",
+        "~callbacks.last_checkpoint",
+        "divergence=off",
+        run_dir=run_dir,
+    )
+    with open_dict(cfg):
+        cfg.callbacks.losses = {"_target_": f"{__name__}.LossRecorder"}
+    trainers = []
+    train(cfg, prepare=lambda t: trainers.append(t) or t)
+    (recorder,) = [c for c in trainers[0].callbacks if isinstance(c, LossRecorder)]
+    return float(np.mean(recorder.losses[-10:]))
+
+
+def test_lr_find_suggests_near_the_best_rate_of_a_sweep_of_constant_rates(tmp_path: Path) -> None:
+    """The issue's regressor: the steepest fall of the smoothed loss, suggested before, was 1.2e-7 (its
+    first, noisy steps), with the loss falling near 1e-2. Now a tenth of where the loss is lowest, which
+    lies within 3x of the best of a sweep of constant rates."""
+    train(compose_config(*REGRESSOR, "mode=lr_find", run_dir=tmp_path / "lr_find"))
+    found = json.loads((tmp_path / "lr_find" / "lr_find.json").read_text())
+    rates = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
+    losses = [final_loss(tmp_path / f"lr{lr}", lr, steps=100) for lr in rates]
+    best = rates[int(np.argmin(losses))]
+    assert best / 3 <= found["suggested_lr"] <= best * 3, (found["suggested_lr"], dict(zip(rates, losses)))
+    assert found["warnings"] == []
+
+
+def sweep_losses(lrs: np.ndarray, raw: np.ndarray, smoothing: float = 0.9) -> list[float]:
+    smoothed, average = [], 0.0
+    for i, loss in enumerate(raw, 1):
+        average = smoothing * average + (1 - smoothing) * loss
+        smoothed.append(average / (1 - smoothing**i))
+    return smoothed
+
+
+LRS = np.geomspace(1e-7, 1, 100)
+
+
+def valley(noise: float, seed: int = 0) -> np.ndarray:
+    """A loss flat at 1 up to 1e-3, falling to 0.2 at 1e-1, then blowing up; with batch noise."""
+    position = np.log10(LRS)
+    level = np.where(position < -3, 1.0, np.maximum(0.2, 1.0 - 0.4 * (position + 3)))
+    level = np.where(position > -1, 0.2 * 10 ** (4 * (position + 1)), level)
+    return level + noise * np.random.default_rng(seed).standard_normal(len(LRS))
+
+
+def test_lr_find_suggests_a_tenth_of_the_lowest_loss_and_says_when_not_to_trust_it() -> None:
+    curve = valley(noise=0.02)[:95]  # the sweep stopped at the blow-up
+    clean = suggest(LRS[:95], curve, sweep_losses(LRS[:95], curve), diverged=True)
+    assert 3e-3 <= clean.lr <= 3e-2 and clean.lr == pytest.approx(clean.lowest_at / 10) and not clean.warnings
+
+    still_falling = valley(noise=0.02)[:80]  # max_lr=1e-1: the sweep ends before the loss turns up
+    top = suggest(LRS[:80], still_falling, sweep_losses(LRS[:80], still_falling), diverged=False)
+    assert top.lr and any("still falls at the top of the range" in w for w in top.warnings)
+
+    noisy = valley(noise=0.5)[:95]
+    doubtful = suggest(LRS[:95], noisy, sweep_losses(LRS[:95], noisy), diverged=True)
+    assert any("too noisy to trust" in w for w in doubtful.warnings)
+
+    never_falls = 1.0 + 0.02 * np.random.default_rng(1).standard_normal(100) + np.linspace(0, 0.5, 100)
+    bottom = suggest(LRS, never_falls, sweep_losses(LRS, never_falls), diverged=False)
+    assert bottom.lr is None and "lowest at the bottom of the range" in bottom.warnings[0]
 
 
 class TinyClassifier(L.LightningModule):
@@ -487,3 +691,35 @@ def test_a_bundle_that_would_run_code_is_refused(tmp_path: Path) -> None:
     torch.save({"format": 1, "payload": Exploit()}, tmp_path / "bundle.pt")
     with pytest.raises(UserError, match="corrupt or unsafe"):
         load_bundle(tmp_path)
+
+
+@pytest.mark.slow
+def test_a_run_that_ends_diverged_fails_and_one_with_warnings_only_does_not(
+    tmp_path: Path, home: Path
+) -> None:
+    """A NaN weight from step 5 on, with the non-finite action `warn`: every update after it is dropped and
+    reported, the generator stays broken, and the monitored metric and the samples' diversity are still
+    broken at the last evaluation. The guard judges the run failed: exit 2, one error line, the summary says
+    so, and last.ckpt and metrics.json are written. Without the rules that judge a run: warnings only."""
+    broken = [
+        *TINY_DCGAN,
+        "logger=none",
+        "++trainer.max_epochs=3",
+        "divergence.inject.step=5",
+        "divergence.inject.kind=nan_weight",
+        "divergence.inject.layer=generator.net.0",
+        "divergence.nonfinite.action=warn",
+    ]
+    failed = run_cli(*broken, f"hydra.run.dir={tmp_path / 'failed'}", home=home)
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr, failed.stderr[-2000:]
+    (error,) = [line for line in failed.stderr.splitlines() if line.startswith("error: ")]
+    assert error.startswith("error: the run ended diverged: val/fid is nan")
+    summary = (tmp_path / "failed" / "summary.txt").read_text()
+    assert summary.startswith("── run diverged (the divergence guard's verdict)")
+    assert (tmp_path / "failed" / "checkpoints" / "last.ckpt").is_file()
+    assert (tmp_path / "failed" / "metrics.json").is_file()
+    lenient = ["divergence.metric.enabled=false", "divergence.collapse.enabled=false"]
+    warned = run_cli(*broken, *lenient, f"hydra.run.dir={tmp_path / 'warned'}", home=home)
+    assert warned.returncode == 0, warned.stderr[-2000:]
+    assert "warning: divergence at step 5 (warn): non-finite gradients" in warned.stderr
+    assert (tmp_path / "warned" / "summary.txt").read_text().startswith("── run finished")

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import compose_config
+from helpers import compose_config
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -79,13 +79,14 @@ def test_three_ranks_score_every_validation_item_once(
             "data.canvases.val_images=10",
             "data.batch_size=4",
         ).data,
+        # 7 questions, one window each
         "qa": compose_config(
             "+exp=qa",
             f"data.train_file={squad}",
             f"data.val_file={squad}",
             "data.batch_size=2",
             "data.eval_batch_size=4",
-        ).data,  # 7 questions, one window each
+        ).data,
     }
     data = {name: OmegaConf.to_container(node, resolve=True) for name, node in data.items()}
     mp.start_processes(

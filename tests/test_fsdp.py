@@ -5,8 +5,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_DCGAN, divergence_events, kill_at_first_checkpoint, last_step, run_cli, run_replay
-from test_resume import assert_same_training_state, last_checkpoint
+from helpers import (
+    TINY_DCGAN,
+    assert_same_training_state,
+    divergence_events,
+    kill_at_first_checkpoint,
+    last_checkpoint,
+    last_step,
+    run_cli,
+    run_replay,
+)
 from wandb_offline import find_runs, read_run
 
 from trainer.divergence.bundle import load_bundle
@@ -122,6 +130,7 @@ def test_a_nan_on_one_rank_halts_every_rank_with_one_bundle_that_replays(tmp_pat
         "trainer=fsdp_cpu",
         "divergence.inject.step=3",
         "divergence.inject.rank=1",  # rank 0's batch is clean; its shards of the gradient are not
+        "divergence.action=halt",
         f"hydra.run.dir={run_dir}",
         home=home,
     )

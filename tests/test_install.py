@@ -6,7 +6,7 @@ import venv
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY_DCGAN, cli_env
+from helpers import REPO, TINY_DCGAN, cli_env, run_cli
 
 from trainer import __version__
 
@@ -71,6 +71,4 @@ def test_bootstrap_refuses_a_build_it_cannot_name(args: list[str]) -> None:
 
 
 def test_version_is_the_packages(home: Path) -> None:
-    from conftest import run_cli
-
     assert run_cli("--version", home=home).stdout.strip() == f"trainer {__version__}"

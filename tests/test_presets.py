@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_DCGAN, compose_config, run_cli
+from helpers import TINY_DCGAN, compose_config, run_cli
 from PIL import Image
 
 from trainer.run import train
@@ -60,7 +60,7 @@ def test_image_folder_images_are_resized_cropped_and_scaled(tmp_path: Path) -> N
         "data.batch_size=4",
         run_dir=tmp_path / "run",
     )
-    from trainer.config import build
+    from trainer.config.build import build
 
     data = build(cfg.data, "data")
     data.setup("fit")
@@ -84,6 +84,7 @@ def test_hub_loader_through_the_datasets_library_offline(
         "data.image_key=image",
         "data.batch_size=4",
         "++trainer.max_epochs=1",
+        "monitor.metric=val/pixel_fd",  # no label_key, no classes: no classifier for val/fid
         run_dir=tmp_path / "run",
     )
     metrics = train(cfg)
@@ -92,7 +93,7 @@ def test_hub_loader_through_the_datasets_library_offline(
 
 
 def test_hub_loader_names_a_missing_column(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from trainer.config import build
+    from trainer.config.build import build
     from trainer.errors import UserError
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -111,7 +112,7 @@ def test_hub_loader_names_a_missing_column(tmp_path: Path, monkeypatch: pytest.M
 
 
 def test_wandb_goes_online_only_with_a_key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from trainer.loggers import resolve_wandb_mode
+    from trainer.reporting.loggers import resolve_wandb_mode
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)

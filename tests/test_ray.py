@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_DCGAN, cli_env, last_step, run_cli
+from helpers import TINY_DCGAN, TINY_QA, cli_env, last_step, run_cli
 from wandb_offline import find_runs, read_run
 
 pytestmark = pytest.mark.slow  # every test here starts a cluster or runs end to end
@@ -80,6 +80,19 @@ def ray_checkpoints(run_dir: Path) -> list[Path]:
     return list(run_dir.glob("ray/*/checkpoint_*/last.ckpt"))
 
 
+def registered_checkpoints(run_dir: Path) -> list[str]:
+    """The checkpoints Ray Train has registered, once every worker reported: what a restart resumes from.
+    (Rank 0's upload makes the folder earlier; a worker killed before it reported leaves that one unused.)"""
+    names = []
+    for snapshot in run_dir.glob("ray/*/checkpoint_manager_snapshot.json"):
+        try:
+            results = json.loads(snapshot.read_text())["checkpoint_results"]
+        except (ValueError, KeyError):  # being written
+            continue
+        names += [result["checkpoint_dir_name"] for result in results]
+    return names
+
+
 def test_ray_run_writes_the_run_dir_and_resumes(tmp_path: Path, home: Path) -> None:
     run_dir = tmp_path / "run"
     first = run_cli(*TINY_DCGAN, *RAY, "++trainer.max_epochs=1", f"hydra.run.dir={run_dir}", home=home)
@@ -99,6 +112,43 @@ def test_ray_run_writes_the_run_dir_and_resumes(tmp_path: Path, home: Path) -> N
     assert {read_run(p).run_id for p in find_runs(run_dir / "wandb")} == {run.run_id}
 
 
+def test_a_halt_on_ray_ends_in_one_line_and_is_not_retried(tmp_path: Path, home: Path) -> None:
+    """The guard halts both workers alike: the launch ends as a halted run does locally (exit 2, one
+    `error:` line with the bundle), and Ray does not restart the workers only for them to halt again."""
+    run_dir = tmp_path / "run"
+    halted = run_cli(
+        *TINY_DCGAN,
+        *RAY,
+        "divergence.inject.step=2",
+        "divergence.action=halt",
+        f"hydra.run.dir={run_dir}",
+        home=home,
+    )
+    output = halted.stdout + halted.stderr
+    assert halted.returncode == 2 and "Traceback" not in output, output[-3000:]
+    assert halted.stderr.splitlines()[-1].startswith("error: divergence at step 2: non-finite gradients")
+    assert "resuming from" not in output and "RETRY" not in (run_dir / "train.log").read_text()
+    assert (run_dir / "summary.txt").read_text().startswith("── run stopped by the divergence guard")
+
+
+def test_the_console_shows_the_run_and_train_log_keeps_what_ray_said(tmp_path: Path, home: Path) -> None:
+    """No line of Ray's own processes on the console, no `(pid=...)` prefix, no "Loading weights" bar from
+    each worker; the workers' lines and warnings still come through, and train.log keeps what Ray said."""
+    run_dir = tmp_path / "run"
+    # A logging interval longer than the epoch: Lightning warns about it on rank 0, a worker's warning.
+    done = run_cli(*TINY_QA, *RAY, "++trainer.log_every_n_steps=50", f"hydra.run.dir={run_dir}", home=home)
+    console = done.stdout + done.stderr
+    assert done.returncode == 0, console[-4000:]
+    for noise in ("Traceback", "Loading weights", "PlacementGroupCleaner", "TrainController", "pid="):
+        assert noise not in console, f"{noise!r} on the console:\n{console[-4000:]}"
+    lines = done.stderr.splitlines()
+    assert any(line.startswith("trainer: run dir") for line in lines)  # rank 0's lines, from its worker
+    assert any(line.startswith("warning: ") and "logging interval" in line for line in lines)
+    assert any(line.startswith("── run finished") for line in lines)  # the driver's summary
+    logged = (run_dir / "train.log").read_text()
+    assert "ray.processes: (TrainController pid=" in logged and "ray.processes: Ray session /" in logged
+
+
 def train_through_a_failure(cluster, run_dir: Path, home: Path, fail, *args: str) -> str:
     """Starts a spread 2-worker run on the cluster, calls `fail` once Ray holds a checkpoint, and returns
     the output of the run, which must finish all its steps."""
@@ -112,7 +162,9 @@ def train_through_a_failure(cluster, run_dir: Path, home: Path, fail, *args: str
         home=home,
     )
     try:
-        wait_for(lambda: ray_checkpoints(run_dir) or proc.poll() is not None, 180, "a first Ray checkpoint")
+        wait_for(
+            lambda: registered_checkpoints(run_dir) or proc.poll() is not None, 180, "a first Ray checkpoint"
+        )
         assert proc.poll() is None, proc.stdout.read()[-3000:]
         workers = train_workers(cluster)
         assert len(workers) == 2 and len(set(workers.values())) == 2  # SPREAD: one worker per node
@@ -140,10 +192,9 @@ def test_a_killed_worker_is_replaced_and_training_continues(cluster, tmp_path: P
     )
     sync = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]["WorkerSync"]
     assert sync["outer_steps"] == 6 and sync["synced_at"] == 72  # one per epoch, none twice or lost
-    # The first W&B run file ends where its process was killed; read what it holds.
-    runs = sorted(
-        (read_run(p, strict=False) for p in find_runs(run_dir / "wandb")), key=lambda r: r.started_at
-    )
+    # The first W&B run file ends where its process was killed, perhaps before its run record (W&B writes an
+    # offline log in 32 KiB blocks): read what it holds, in the order the folders' names give.
+    runs = [read_run(p, strict=False) for p in find_runs(run_dir / "wandb")]
     assert len(runs) == 2 and len({r.run_id for r in runs}) == 1  # the restart continued the same W&B run
     resumed_at = min(step for _, step in runs[1].series("trainer/global_step"))
     assert resumed_at > 0  # only the steps after the checkpoint were done again

@@ -7,24 +7,16 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from conftest import assert_clean_failure, compose_config, run_cli
+from helpers import QUIET, SHORT_PPO, assert_clean_failure, compose_config, run_cli
 from wandb_offline import find_runs, read_run
 
-from trainer.envs import EnvSpec, SensorNoise, env_seeds
 from trainer.errors import UserError
 from trainer.models.rl import QNetwork
 from trainer.run import build_task, train
-from trainer.tasks.ppo import gae
+from trainer.tasks.rl.envs import EnvSpec, SensorNoise, env_seeds
+from trainer.tasks.rl.ppo import gae
 
-QUIET = ["logger=none", "++trainer.enable_progress_bar=false", "++trainer.enable_model_summary=false"]
 # A few thousand env steps: seconds on 2 cores.
-SHORT_PPO = [
-    "+exp=ppo",
-    "task.total_env_steps=2048",
-    "task.env_steps_per_epoch=1024",
-    "task.eval_episodes=3",
-    *QUIET,
-]
 SHORT_DQN = [
     "+exp=dqn",
     "task.total_env_steps=1500",

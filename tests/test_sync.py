@@ -1,4 +1,5 @@
-"""Local SGD and DiLoCo (trainer/sync.py) on 2 CPU processes and on Ray: the same training as all-reduce
+"""Local SGD and DiLoCo (trainer/distributed/sync.py) on 2 CPU processes and on Ray: the same training as
+all-reduce
 at H=1, H times fewer bytes at H>1, exact resume after a kill between syncs, one decision of the guard on
 every worker; and the non-IID split of the training data (`data.partition=by_class`)."""
 
@@ -8,18 +9,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (
+from helpers import (
+    SHORT_PPO,
     TINY_DCGAN,
     assert_clean_failure,
+    assert_same_training_state,
     compose_config,
     divergence_events,
     kill_at_first_checkpoint,
+    last_checkpoint,
     last_step,
     run_cli,
+    run_own,
 )
-from test_own_task import run_own
-from test_resume import assert_same_training_state, last_checkpoint
-from test_rl import SHORT_PPO
 from wandb_offline import find_runs, read_run
 
 from trainer.data import loading
@@ -87,11 +89,14 @@ def test_detection_images_take_the_class_most_of_their_boxes_have(tmp_path: Path
 
 def test_bad_sync_settings_fail_in_one_line(tmp_path: Path, home: Path):
     result = run_cli(*TINY_DCGAN, "logger=none", "distributed.sync=gossip", home=home)  # the CLI's exit
-    assert_clean_failure(result, "distributed.sync=gossip is not one of allreduce, local_sgd, diloco")
+    assert_clean_failure(
+        result,
+        "distributed.sync='gossip' has the wrong type: expected one of 'allreduce', 'local_sgd', 'diloco'",
+    )
     for args, fragment in (  # the same UserError path, in-process
         (["distributed.sync=diloco"], "distributed.sync=diloco averages data-parallel workers: use trainer="),
         (["distributed.sync=local_sgd", "distributed.sync_every=0"], "distributed.sync_every=0"),
-        (["data.partition=by_digit"], "data.partition=by_digit is not one of iid, by_class"),
+        (["data.partition=by_digit"], "data.partition='by_digit' has the wrong type: expected one of 'iid'"),
     ):
         with pytest.raises(UserError, match=re.escape(fragment)):
             train(compose_config(*TINY_DCGAN, "logger=none", *args, run_dir=tmp_path / "run"))
@@ -288,6 +293,7 @@ def test_a_nan_on_one_worker_between_syncs_halts_every_worker(tmp_path: Path, ho
         "distributed.sync_every=50",
         "divergence.inject.step=3",
         "divergence.inject.rank=1",
+        "divergence.action=halt",
         f"hydra.run.dir={run_dir}",
         "logger=none",
         home=home,

@@ -5,10 +5,10 @@ import pytest
 import scipy.linalg
 import torch
 
-from trainer.callbacks.gradients import layer_name, per_layer_norms
 from trainer.data.loading import ResumableLoader
+from trainer.metrics.gradients import layer_name, per_layer_norms
+from trainer.metrics.image_quality import frechet_distance
 from trainer.models.dcgan import Discriminator, Generator
-from trainer.tasks.gan import frechet_distance
 
 
 @pytest.mark.parametrize("size,channels", [(8, 1), (16, 3), (32, 1), (64, 3)])

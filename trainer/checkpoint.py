@@ -4,12 +4,14 @@ from."""
 import logging
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
+from trainer.config.resume import has_last_checkpoint, refuse_changed_config
 from trainer.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -95,20 +97,35 @@ def check_matches_model(
     )
 
 
-def resume_checkpoint(run_dir: Path, resume: str, ckpt_path: str | None, keep_old: bool = True) -> str | None:
-    """The checkpoint to start from: an explicit ckpt_path, else (resume=auto) the run dir's last checkpoint.
+RESUME_OPTIONS = ("auto", "never", "force")
 
-    With resume=never, earlier checkpoints in the run dir are moved aside (by one process: `keep_old`)."""
-    if resume not in ("auto", "never"):
-        raise UserError(f"resume={resume} is not an option: use resume=auto or resume=never")
+
+def resume_checkpoint(
+    run_dir: Path,
+    resume: str,
+    ckpt_path: str | None,
+    keep_old: bool = True,
+    config: Mapping[str, Any] | None = None,
+) -> str | None:
+    """The checkpoint to start from: an explicit ckpt_path, else (resume=auto, force) the run dir's last
+    checkpoint; resume=auto refuses it when `config` (resolved) changes more of the run's saved config than
+    RESUME_SAFE allows.
+
+    With resume=never, earlier checkpoints in the run dir are moved aside (by one process: `keep_old`, which
+    also removes what the writes of a killed job left)."""
+    if resume not in RESUME_OPTIONS:
+        raise UserError(f"resume={resume} is not an option: use resume=auto, never or force")
+    if config is not None:
+        refuse_changed_config(run_dir, resume, ckpt_path, config)  # before anything in the run dir changes
+    if keep_old:
+        remove_unfinished_writes(run_dir)
     if ckpt_path:
         if not Path(ckpt_path).is_file():
             raise UserError(f"ckpt_path={ckpt_path} does not exist: check the path, or drop ckpt_path")
         return str(ckpt_path)
     checkpoints = run_dir / "checkpoints"
-    last = checkpoints / "last.ckpt"
-    if resume == "auto":  # (FSDP's sharded checkpoints are folders)
-        return str(last) if last.is_file() or (last / "meta.pt").is_file() else None
+    if resume != "never":
+        return str(checkpoints / "last.ckpt") if has_last_checkpoint(run_dir) else None
     if keep_old and checkpoints.is_dir() and any(checkpoints.iterdir()):
         # Starting fresh must not destroy what an earlier run saved: keep it beside the new one.
         kept = checkpoints.with_name(f"checkpoints.before-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -117,25 +134,9 @@ def resume_checkpoint(run_dir: Path, resume: str, ckpt_path: str | None, keep_ol
     return None
 
 
-def close_finished_epoch(checkpoint: dict[str, Any]) -> None:
-    """Records a checkpoint written in `on_train_epoch_end` as the epoch boundary it is.
-
-    Lightning (2.6) writes it as "epoch processed, not completed", with the epoch's batch counters full.
-    Resumed with `max_steps` set and validation within the epoch (`val_check_interval` < 1, as `+exp=qa`),
-    Lightning restarts that finished epoch's loop, and the next epoch trains one batch or none. Here the
-    epoch is completed and the per-epoch counters are zero, as at the start of the next epoch, so every
-    resume starts that epoch afresh. (Epoch-interval LR schedulers step after this hook; Lightning's own
-    resume from such a checkpoint skips that step too.)"""
-    loop = checkpoint.get("loops", {}).get("fit_loop")
-    if not loop:
-        return
-    epochs = loop["epoch_progress"]
-    epoch = epochs["current"]
-    if not epoch["processed"] == epoch["started"] == epoch["completed"] + 1:
-        return  # written inside an epoch (mid-epoch save, validation) or after training ended
-    for part in ("total", "current"):
-        epochs[part]["completed"] = epochs[part]["processed"]
-    batches, validations = loop["epoch_loop.batch_progress"], loop["epoch_loop.val_loop.batch_progress"]
-    for counters in (batches["current"], validations["current"], validations["total"]):
-        counters.update(dict.fromkeys(counters, 0))
-    batches["is_last_batch"] = validations["is_last_batch"] = False
+def remove_unfinished_writes(run_dir: Path) -> None:
+    """Deletes the temporary files (`.<name>.tmp<pid>`, as big as a checkpoint) of the checkpoint and bundle
+    writes that a killed job did not finish. Called as a job starts, before any process of it writes."""
+    for folder in [run_dir / "checkpoints", *(run_dir / "divergence").glob("step*")]:
+        for unfinished in folder.glob(".*.tmp[0-9]*"):
+            unfinished.unlink(missing_ok=True)

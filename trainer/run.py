@@ -13,27 +13,30 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.fabric.plugins.environments.slurm import SLURMEnvironment
 from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_only
-from lightning.pytorch.utilities.model_summary import get_human_readable_count
+from lightning.pytorch.utilities.model_summary.model_summary import get_human_readable_count
 from omegaconf import DictConfig, OmegaConf
 
 from trainer.callbacks.best_checkpoint import BestCheckpoint
+from trainer.callbacks.config_file import ConfigFile
 from trainer.callbacks.metrics import MetricsFile
 from trainer.callbacks.preemption import Preemption
 from trainer.callbacks.progress import ProgressBar
 from trainer.callbacks.rng import RNGState
 from trainer.checkpoint import SafeCheckpointIO, resume_checkpoint
-from trainer.config import build
-from trainer.console import setup_logging
+from trainer.config.build import build
+from trainer.config.plain import plain_dict
 from trainer.data.loading import LoaderPosition
-from trainer.divergence.guard import divergence_callbacks
+from trainer.distributed.sync import worker_sync
+from trainer.divergence.guard import divergence_callbacks, divergence_verdict
 from trainer.divergence.lr_find import LRRangeTest, lr_find_config
-from trainer.errors import DivergenceHalt, Preempted, UserError
-from trainer.loggers import finish_wandb, wandb_run_url
-from trainer.summary import RunEnd, write_summary
-from trainer.sync import worker_sync
+from trainer.errors import DivergedRun, DivergenceHalt, Preempted, UserError
+from trainer.perf.compiling import compile_parts
+from trainer.reporting.console import setup_logging
+from trainer.reporting.loggers import finish_wandb, wandb_run_url
+from trainer.reporting.summary import RunEnd, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -59,19 +62,18 @@ def train(
         raise UserError(f"mode={cfg.mode} is not an option: use mode=train, lr_find or tune")
     if cfg.mode == "lr_find":
         cfg = lr_find_config(cfg)
+    resolved = plain_dict(cfg)
+    # First: a run dir that holds another config's run is refused before anything is built or written.
+    ckpt_path = ckpt_path or resume_checkpoint(
+        run_dir, cfg.resume, cfg.ckpt_path, keep_old=rank_zero_only.rank == 0, config=resolved
+    )
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule, module = build_task(cfg)
-    ckpt_path = ckpt_path or resume_checkpoint(
-        run_dir, cfg.resume, cfg.ckpt_path, keep_old=rank_zero_only.rank == 0
-    )
     pl_trainer, metrics_file = build_trainer(cfg, module, strategy=strategy, plugins=plugins)
     if prepare is not None:
         pl_trainer = prepare(pl_trainer)
 
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    if pl_trainer.is_global_zero:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+    pl_trainer.callbacks.append(ConfigFile(run_dir, resolved))  # pyright: ignore[reportAttributeAccessIssue]  # set by Lightning
     log.info(f"run dir {run_dir}; model: {describe_model(module)}")
     if ckpt_path:
         log.info(f"resuming from {ckpt_path}")
@@ -81,10 +83,14 @@ def train(
     preempted: Preemption | None = None
     try:
         pl_trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-        preempted = next(
-            (cb for cb in pl_trainer.callbacks if isinstance(cb, Preemption) and cb.stopped), None
-        )
+        callbacks = pl_trainer.callbacks  # pyright: ignore[reportAttributeAccessIssue]  # set by Lightning
+        preempted = next((cb for cb in callbacks if isinstance(cb, Preemption) and cb.stopped), None)
         end.outcome = "preempted" if preempted else "finished"
+        if preempted is None and (verdict := divergence_verdict(pl_trainer)):
+            raise DivergedRun(verdict, run_dir)
+    except DivergedRun as e:
+        end.outcome, end.detail = "diverged (the divergence guard's verdict)", e.verdict
+        raise
     except DivergenceHalt:
         end.outcome = "stopped by the divergence guard"  # its events and bundle are in the summary
         raise
@@ -131,8 +137,7 @@ def build_task(cfg: DictConfig) -> tuple[L.LightningDataModule | None, L.Lightni
     if cfg.perf.channels_last:
         module = module.to(memory_format=torch.channels_last)
     if cfg.perf.compile:
-        for part in module.children():
-            part.compile()  # in place: parameter names, and so checkpoints, stay the same
+        compile_parts(module, cfg.perf.compile_backend, cfg.perf.compile_mode)
     return datamodule, module
 
 
@@ -142,42 +147,21 @@ def build_trainer(
     """Lightning's Trainer with the configured callbacks and loggers, plus what every run needs: metrics.json,
     RNG state in checkpoints, the best checkpoint of `monitor.metric`, and safe checkpoint files."""
     run_dir = Path(cfg.run_dir)
-    callbacks = [
-        build(node, f"callbacks.{name}")
-        for name, node in (cfg.callbacks or {}).items()
-        if _is_buildable(node)
-    ]
-    metrics_file = MetricsFile(run_dir / "metrics.json")
-    if cfg.trainer.get("enable_progress_bar", True):
-        callbacks.append(ProgressBar())
-    if cfg.monitor.metric:
-        metrics_file.modes[cfg.monitor.metric] = cfg.monitor.mode
-        callbacks.append(BestCheckpoint(run_dir, cfg.monitor.metric, cfg.monitor.mode))
+    metrics_file = MetricsFile(
+        run_dir / "metrics.json",
+        modes=plain_dict(modes, resolve=False) if (modes := OmegaConf.select(cfg, "metrics.modes")) else None,
+        monitor=(cfg.monitor.metric, cfg.monitor.mode) if cfg.monitor.metric else None,
+    )
     loggers = [
         build(node, f"logger.{name}") for name, node in (cfg.logger or {}).items() if _is_buildable(node)
     ]
-    # The workers' sync first, so that the guard's snapshots (and a checkpoint of a sync step) hold the
-    # synchronised model; then the guard: at the end of a bad batch it must act before any checkpoint is
-    # written.
-    callbacks = [
-        worker_sync(cfg.distributed),
-        *divergence_callbacks(OmegaConf.to_container(cfg.divergence, resolve=True)),
-        *callbacks,
-    ]
-    if cfg.mode == "lr_find":
-        callbacks.append(
-            build(
-                OmegaConf.create({"_target_": f"{LRRangeTest.__module__}.LRRangeTest", **cfg.lr_find}),
-                "lr_find",
-            )
-        )
     if not plugins and SLURMEnvironment.detect():
         plugins = [SLURMEnvironment(auto_requeue=False)]  # requeueing is the Preemption callback's job
     pl_trainer = build(
         cfg.trainer,
         "trainer",
         default_root_dir=str(run_dir),
-        callbacks=[*callbacks, metrics_file, RNGState(cfg.seed), LoaderPosition()],
+        callbacks=run_callbacks(cfg, metrics_file),
         logger=loggers or False,
         plugins=[
             SafeCheckpointIO(expected_shapes={k: v.shape for k, v in module.state_dict().items()}),
@@ -186,6 +170,45 @@ def build_trainer(
         **({"strategy": strategy} if strategy is not None else {}),
     )
     return pl_trainer, metrics_file
+
+
+def run_callbacks(cfg: DictConfig, metrics_file: MetricsFile) -> list[L.Callback]:
+    """Every callback of a run, in the order Lightning calls each hook on them, and why:
+
+    1. the workers' sync (local SGD, DiLoCo): the guard's snapshots, and a checkpoint of a sync step, must
+       hold the synchronised model;
+    2. the divergence guard (and its drills): at the end of a bad batch it acts before anything else reads
+       the weights or writes a checkpoint;
+    3. the configured callbacks (conf/callbacks: last.ckpt, gradients, preemption, final validation), and the
+       LR finder in `mode=lr_find`;
+    4. the progress bar; metrics.json, which reads what the callbacks before it logged; the RNG state and
+       the loader position, which every checkpoint holds.
+    Lightning moves the checkpoint callbacks to the end, in their order here: the best checkpoint of
+    `monitor.metric` comes before last.ckpt, so that a resume from last.ckpt finds the best one written.
+    """
+    best = (
+        [BestCheckpoint(Path(cfg.run_dir), cfg.monitor.metric, cfg.monitor.mode)]
+        if cfg.monitor.metric
+        else []
+    )
+    configured = [
+        build(node, f"callbacks.{name}")
+        for name, node in (cfg.callbacks or {}).items()
+        if _is_buildable(node)
+    ]
+    lr_find = [LRRangeTest(**plain_dict(cfg.lr_find))] if cfg.mode == "lr_find" else []
+    progress = [ProgressBar()] if cfg.trainer.get("enable_progress_bar", True) else []
+    return [
+        worker_sync(cfg.distributed),
+        *divergence_callbacks(plain_dict(cfg.divergence)),
+        *best,
+        *configured,
+        *lr_find,
+        *progress,
+        metrics_file,
+        RNGState(cfg.seed),
+        LoaderPosition(),
+    ]
 
 
 def _is_buildable(node: Any) -> bool:

@@ -1,11 +1,15 @@
 """A task written outside the package: a small network that classifies scikit-learn's 8x8 digits.
 
 Everything `trainer` needs is here and in ./conf: a data module, a network, and a task that subclasses
-`trainer.tasks.base.Task` and reports its loss, which is what the divergence guard watches. Run it from this
+`trainer.Task`, reports its loss (what the divergence guard watches) and declares the metrics its validation
+logs. The annotations from `trainer` (`Positive`, ...) are the ranges the config check holds values to before
+anything runs. Everything comes from `from trainer import ...`, the package's stable API. Run it from this
 folder (the module must be importable; here, from the working directory):
 
-    python -m trainer hydra.searchpath=[file://$PWD/conf] +exp=digit_classifier
+    trainer hydra.searchpath=[file://$PWD/conf] +exp=digit_classifier
 """
+
+from typing import Annotated, ClassVar
 
 import lightning as L
 import torch
@@ -14,14 +18,28 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from trainer.data.loading import ResumableLoader
-from trainer.tasks.base import StepReport, Task
+from trainer import (
+    FractionBelowOne,
+    Interval,
+    Positive,
+    PositiveFloat,
+    ResumableLoader,
+    Seed,
+    StepReport,
+    Task,
+    evaluation_loader,
+)
 
 
 class DigitVectors(L.LightningDataModule):
     """The 1,797 digits as vectors of 64 grey levels in [0, 1], split once by `seed`."""
 
-    def __init__(self, batch_size: int = 64, val_fraction: float = 0.2, seed: int = 0):
+    def __init__(
+        self,
+        batch_size: Positive = 64,
+        val_fraction: Annotated[float, Interval(0, 1, low_open=True, high_open=True)] = 0.2,  # (0, 1)
+        seed: Seed = 0,
+    ):
         super().__init__()
         self.batch_size, self.val_fraction, self.seed = batch_size, val_fraction, seed
 
@@ -41,16 +59,23 @@ class DigitVectors(L.LightningDataModule):
         return ResumableLoader(self.train_set, self.batch_size, seed=self.seed, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=len(self.val_set))
+        # this worker's share of the validation set, drawing nothing from the training's random numbers
+        return evaluation_loader(self.val_set, batch_size=len(self.val_set))
 
 
 class MLP(nn.Sequential):
-    def __init__(self, hidden: int = 64, classes: int = 10):
+    def __init__(self, hidden: Positive = 64, classes: Positive = 10):
         super().__init__(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, classes))
 
 
 class DigitClassifier(Task):
-    def __init__(self, network: nn.Module, lr: float = 1e-3, momentum: float | None = None):
+    validation_metrics: ClassVar[dict[str, str]] = {
+        "val/accuracy": "max"
+    }  # what it logs, and which way is better
+
+    def __init__(
+        self, network: nn.Module, lr: PositiveFloat = 1e-3, momentum: FractionBelowOne | None = None
+    ):
         super().__init__()
         self.save_hyperparameters(ignore=["network"])
         self.network = network
@@ -69,4 +94,5 @@ class DigitClassifier(Task):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         inputs, labels = batch
-        self.log("val/accuracy", (self.network(inputs).argmax(1) == labels).float().mean())
+        accuracy = (self.network(inputs).argmax(1) == labels).float().mean()
+        self.log("val/accuracy", accuracy, sync_dist=True)  # (the mean of the workers' shares)

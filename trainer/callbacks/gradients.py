@@ -1,5 +1,7 @@
-"""Per-layer training health: gradient norms, parameter norms and update-to-weight ratios (every
-`log_every_n_steps`), gradient histograms (every `histogram_every_n_steps`).
+"""Per-layer training health: gradient norms, parameter norms and update-to-weight ratios (about every
+`log_every_n_steps`), gradient histograms (about every `histogram_every_n_steps`), on Lightning's logging
+steps (`trainer.log_every_n_steps`), the only steps whose values are read from the device: the first logging
+step of each span of that many steps.
 
 Hooked on each optimizer step, so it sees the gradients each optimizer is about to apply: after the DDP
 all-reduce, after unscaling in mixed precision, and per network for GANs (the generator's optimizer only
@@ -12,65 +14,36 @@ the sums of squares are added up over the ranks, so the numbers are the whole mo
 """
 
 import math
-from collections import defaultdict
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
 
-from trainer.fsdp import clean_name, is_sharded, sum_over_shards
-from trainer.loggers import log_step, wandb_loggers
+from trainer.config.ranges import NonNegative, Positive
+from trainer.distributed.fsdp import clean_name, is_sharded, sum_over_shards
+from trainer.lightning_internals import is_logging_step, log_step
+from trainer.metrics.gradients import grads, layer_name, layer_owners, params_by_layer, per_layer_norms
+from trainer.reporting.loggers import wandb_loggers
 
 
-def layer_name(param_name: str) -> str:
-    """'generator.net.3.weight' -> 'generator.net.3': a layer is the module that owns the parameters."""
-    return param_name.rpartition(".")[0] or param_name
+class BeforeStep(NamedTuple):
+    """A logging step's layers and weights, kept for the update-to-weight ratios after the step."""
 
-
-def params_by_layer(
-    optimizer: torch.optim.Optimizer, layer_of: dict[torch.nn.Parameter, str], sharded: bool = False
-) -> dict[str, list[torch.nn.Parameter]]:
-    """The optimizer's parameters that have a gradient, grouped by layer name. Sharded, all of them: a rank
-    whose part of a parameter is empty has no gradient for it, and every rank must list the same ones."""
-    layers: dict[str, list[torch.nn.Parameter]] = defaultdict(list)
-    for p in stepped_params(optimizer, sharded):
-        layers[layer_of.get(p, "unnamed")].append(p)
-    return layers
-
-
-def stepped_params(optimizer: torch.optim.Optimizer, sharded: bool = False) -> list[torch.nn.Parameter]:
-    """The optimizer's parameters that have a gradient; sharded, all of them (see `params_by_layer`)."""
-    return [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None or sharded]
-
-
-def grads(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
-    """The parameters' gradients; an empty tensor (norm 0) for a sharded parameter's missing part."""
-    return [p.grad.detach() if p.grad is not None else p.detach().new_zeros(0) for p in params]
-
-
-def layer_owners(layers: dict[str, list[torch.nn.Parameter]], device: torch.device) -> torch.Tensor:
-    """For each parameter of `layers`, in order, the index of its layer: what `per_layer_norms` groups by."""
-    sizes = torch.tensor([len(ps) for ps in layers.values()])
-    return torch.repeat_interleave(torch.arange(len(layers)), sizes).to(device)
-
-
-def per_layer_norms(
-    tensors: list[torch.Tensor], owners: torch.Tensor, num_layers: int, trainer: L.Trainer | None = None
-) -> torch.Tensor:
-    """L2 norm per layer of tensors grouped by `owners` (layer index per tensor), plus the total at the
-    end. With a `trainer` whose model is sharded, of the whole model (a collective call). Accumulated in
-    float64: in float32, torch's norm of MiniLM's 11.7 M-element embedding is off by 4e-4 (relative)."""
-    norms = torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64))
-    squares = torch.zeros(num_layers, device=norms.device, dtype=norms.dtype).index_add_(
-        0, owners, norms.square()
-    )
-    if trainer is not None:
-        squares = sum_over_shards(trainer, squares)
-    return torch.cat([squares.sqrt(), squares.sum().sqrt().view(1)]).float()
+    trainer: L.Trainer
+    names: list[str]
+    owners: torch.Tensor
+    params: list[torch.nn.Parameter]
+    before: tuple[torch.Tensor, ...]  # the weights before the update
+    weights: torch.Tensor  # their per-layer norms
 
 
 class GradientMonitor(L.Callback):
-    def __init__(self, log_every_n_steps: int = 50, histogram_every_n_steps: int = 500, bins: int = 64):
+    def __init__(
+        self,
+        log_every_n_steps: Positive = 50,
+        histogram_every_n_steps: NonNegative = 500,
+        bins: Positive = 64,
+    ):
         if log_every_n_steps < 1 or histogram_every_n_steps < 0:
             raise ValueError(
                 "log_every_n_steps must be >= 1 and histogram_every_n_steps >= 0 (0 turns them off)"
@@ -80,9 +53,7 @@ class GradientMonitor(L.Callback):
         self.bins = bins
         self._names: dict[torch.nn.Parameter, str] = {}
         self._hooked: set[int] = set()
-        self._before_step: dict[
-            int, tuple[list[str], torch.Tensor, list[torch.Tensor], list[torch.Tensor], torch.Tensor]
-        ] = {}
+        self._before_step: dict[int, BeforeStep] = {}  # optimizer -> what its post-step hook needs
         self._pending: list[tuple[list[str], torch.Tensor]] = []
         self._measured: dict[int, int] = {}  # optimizer -> the step its gradients were last measured at
 
@@ -93,9 +64,13 @@ class GradientMonitor(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         step = log_step(trainer)
-        log_norms = step % self.log_every_n_steps == 0
-        log_hist = self.histogram_every_n_steps > 0 and step % self.histogram_every_n_steps == 0
-        if not (log_norms or log_hist) or not trainer.loggers or self._measured.get(id(optimizer)) == step:
+        if not is_logging_step(trainer) or not trainer.loggers or self._measured.get(id(optimizer)) == step:
+            return
+        log_norms = _first_logging_step_of_window(trainer, step, self.log_every_n_steps)
+        log_hist = self.histogram_every_n_steps > 0 and _first_logging_step_of_window(
+            trainer, step, self.histogram_every_n_steps
+        )
+        if not (log_norms or log_hist):
             return
         self._measured[id(optimizer)] = step  # an RL step updates many times: its first update speaks for it
         layers = params_by_layer(optimizer, self._names, sharded=is_sharded(trainer.strategy))
@@ -115,8 +90,8 @@ class GradientMonitor(L.Callback):
         weights = per_layer_norms([p.detach() for p in params], owners, len(names), trainer)
         self._pending.append((keys, torch.cat([norms, weights])))
         # The update is known after the step: keep the weights, and let the post-step hook finish.
-        before = torch._foreach_mul([p.detach() for p in params], 1.0)
-        self._before_step[id(optimizer)] = (trainer, names, owners, params, before, weights)
+        before = torch._foreach_mul([p.detach() for p in params], 1.0)  # pyright: ignore[reportPrivateImportUsage]
+        self._before_step[id(optimizer)] = BeforeStep(trainer, names, owners, params, before, weights)
         if id(optimizer) not in self._hooked:
             optimizer.register_step_post_hook(self._after_step)
             self._hooked.add(id(optimizer))
@@ -128,7 +103,10 @@ class GradientMonitor(L.Callback):
         trainer, names, owners, params, before, weights = pending
         network = _network(names)
         updates = per_layer_norms(
-            torch._foreach_sub([p.detach() for p in params], before), owners, len(names), trainer
+            torch._foreach_sub([p.detach() for p in params], before),  # pyright: ignore[reportPrivateImportUsage]
+            owners,
+            len(names),
+            trainer,
         )
         keys = [f"update_ratio/{_panel(n)}" for n in names] + [f"update_ratio/{network}/total"]
         self._pending.append((keys, updates / weights.clamp(min=1e-12)))
@@ -176,6 +154,14 @@ class GradientMonitor(L.Callback):
                 histograms[f"grad_hist/{_panel(name)}"] = wandb.Histogram(np_histogram=(layer_counts, edges))
         for logger in wandb_loggers(trainer):
             logger.experiment.log({**histograms, "trainer/global_step": step})
+
+
+def _first_logging_step_of_window(trainer: L.Trainer, step: int, every: int) -> bool:
+    """Whether this logging step is the first one among steps [k * every, (k + 1) * every): measured there,
+    a run's first logging step is measured, and then one about every `every` steps, whatever
+    `trainer.log_every_n_steps` is, without state (a resumed run measures where the first run would have)."""
+    logged_every = trainer.log_every_n_steps  # pyright: ignore[reportAttributeAccessIssue]  # set by Lightning
+    return (step - max(logged_every, 1)) // every < step // every
 
 
 def _panel(layer: str) -> str:

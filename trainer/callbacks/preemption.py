@@ -2,11 +2,12 @@
 
 SLURM warns a job with a signal some time before its time limit or a preemption (our templates ask for SIGUSR1
 `slurm.signal_seconds` ahead). On it, training finishes the current batch, writes last.ckpt on every rank's
-behalf and stops; once the run has closed (W&B run finished, summary written), the CLI runs `scontrol requeue`
-once (requeueing ends the job at once, so it comes last). The requeued job runs the same command in the same
-run dir, so it resumes from that checkpoint into the same W&B run. Under DDP the ranks agree on the stop
-before anyone saves. Lightning's own SLURM requeue is switched off where this runs (trainer/run.py), so the
-two never handle the same signal.
+behalf and stops (under DDP a batch later: the ranks' vote is read from the device late, so that no training
+step waits for it); once the run has closed (W&B run finished, summary written), the CLI runs `scontrol
+requeue` once (requeueing ends the job at once, so it comes last). The requeued job runs the same command in
+the same run dir, so it resumes from that checkpoint into the same W&B run. Under DDP the ranks agree on the
+stop before anyone saves. Lightning's own SLURM requeue is switched off where this runs (trainer/run.py), so
+the two never handle the same signal.
 """
 
 import logging
@@ -21,6 +22,7 @@ import lightning as L
 import torch
 
 from trainer.callbacks.last_checkpoint import LastCheckpoint
+from trainer.perf.readout import DelayedReadout
 
 log = logging.getLogger(__name__)
 REQUEUE_WAIT_S = 120
@@ -33,6 +35,7 @@ class Preemption(L.Callback):
         self.requested = False
         self.stopped = False  # this callback ended the run (the run summary says "preempted")
         self.listening = False  # outside SLURM no signal is awaited, and batches cost nothing
+        self._votes: DelayedReadout[None] = DelayedReadout()
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if "SLURM_JOB_ID" in os.environ and threading.current_thread() is threading.main_thread():
@@ -47,11 +50,12 @@ class Preemption(L.Callback):
             return
         requested = self.requested
         if trainer.world_size > 1:  # one rank may see the signal a batch later than another
-            flag = torch.tensor(float(requested), device=trainer.strategy.root_device)
-            requested = bool(trainer.strategy.reduce(flag, reduce_op="max").item())
+            flag = torch.full((1,), float(requested), device=trainer.strategy.root_device)
+            votes = self._votes.put(trainer.strategy.reduce(flag, reduce_op="max"), None)
+            requested = any(vote for _, (vote,) in votes)
         if not requested:
             return
-        for callback in trainer.callbacks:
+        for callback in trainer.callbacks:  # pyright: ignore[reportAttributeAccessIssue]  # set by Lightning
             if isinstance(callback, LastCheckpoint):
                 callback.save(trainer)
         then = "the job is requeued when the run has closed" if self.requeue else "stopping"

@@ -10,6 +10,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import RichProgressBar
 
+from trainer.tasks.base import Task
+
 
 class ProgressBar(RichProgressBar):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -40,5 +42,4 @@ class ProgressBar(RichProgressBar):
 
 
 def _progress(pl_module: L.LightningModule) -> tuple[int, int, str] | None:
-    progress = getattr(pl_module, "progress", None)
-    return progress() if callable(progress) else None
+    return pl_module.progress() if isinstance(pl_module, Task) else None

@@ -17,7 +17,9 @@ import torch.distributed as dist
 
 def capture_rng() -> dict[str, Any]:
     """All global RNG states, in types that `torch.load(weights_only=True)` accepts."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = np.random.get_state(legacy=True)
+    assert isinstance(numpy_state, tuple)  # (legacy: the tuple, not the dict)
+    kind, keys, pos, has_gauss, cached = numpy_state
     state = {
         "python": random.getstate(),
         "numpy": {

@@ -15,11 +15,11 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
+from trainer.config.ranges import Fraction, NonNegative, Partition, Positive, Seed
 from trainer.data.digit_canvases import write_digit_canvases
 from trainer.data.evaluation import evaluation_loader
 from trainer.data.loading import ResumableLoader, partition_classes
 from trainer.errors import UserError
-from trainer.ranges import NonNegative, Positive
 
 Target = dict[str, torch.Tensor]
 EDGE_SLACK = 1.0  # pixels a box may stick out of its image (rounding in exported files); it is clipped
@@ -188,16 +188,16 @@ class CocoDataModule(L.LightningDataModule):
         train_images: str | None = None,
         val_annotations: str | None = None,
         val_images: str | None = None,
-        canvases: dict[str, Any] | None = None,
+        canvases: dict[str, NonNegative] | None = None,  # images per split, and their seed
         cache_dir: str = ".",
-        sizes: tuple[int, ...] = (),
-        hflip: float = 0.0,
-        jitter: float = 0.0,
+        sizes: tuple[Positive, ...] = (),
+        hflip: Fraction = 0.0,  # a probability
+        jitter: Fraction = 0.0,  # brightness and contrast factors within 1 +- jitter (1: black at worst)
         batch_size: Positive = 16,
         num_workers: NonNegative = 0,
         pin_memory: bool = False,
-        partition: str = "iid",
-        seed: int = 0,
+        partition: Partition = "iid",
+        seed: Seed = 0,
     ):
         super().__init__()
         partition_classes(partition, [])  # the name's check, before any loading
@@ -216,7 +216,8 @@ class CocoDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         if not any(self.paths):
-            write_digit_canvases(self.canvas_root, **self.canvases)
+            # (numbers only: the canvas settings that are ints; digit_sizes keeps its default)
+            write_digit_canvases(self.canvas_root, **self.canvases)  # pyright: ignore[reportArgumentType]
 
     @property
     def canvas_root(self) -> Path:
@@ -226,9 +227,10 @@ class CocoDataModule(L.LightningDataModule):
         if self.train_set is not None:
             return
         root = self.canvas_root
+        given = [Path(p) for p in self.paths if p]  # all four or none (__init__)
         train_annotations, train_images, val_annotations, val_images = (
-            self.paths
-            if any(self.paths)
+            given
+            if given
             else (
                 root / "annotations" / "train.json",
                 root / "train",
@@ -245,6 +247,7 @@ class CocoDataModule(L.LightningDataModule):
             )
 
     def train_dataloader(self) -> ResumableLoader:
+        assert self.train_set is not None  # (setup)
         return ResumableLoader(
             self.train_set,
             batch_size=self.batch_size,
@@ -260,6 +263,7 @@ class CocoDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         """Each rank's share of the images; the targets carry the image ids that results are keyed by."""
+        assert self.val_set is not None  # (setup)
         return evaluation_loader(
             self.val_set,
             self.batch_size,

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from sklearn.datasets import load_digits
+from sklearn.utils import Bunch
 
 VERSION = 1  # bump when the drawing changes: existing copies are then rewritten
 INK = 64  # a resized digit pixel at or above this (of 255) counts as ink for its box
@@ -43,6 +44,7 @@ def write_digit_canvases(
     if marker.is_file() and json.loads(marker.read_text()) == spec:
         return root
     digits = load_digits()
+    assert isinstance(digits, Bunch)  # (not return_X_y's tuple)
     order = np.random.default_rng(seed).permutation(len(digits.images))
     split = int(0.8 * len(order))
     rng = np.random.default_rng(seed + 1)

@@ -4,20 +4,20 @@ Three sources share one DataModule: scikit-learn's handwritten digits (ships off
 folder of images, and Hugging Face hub data sets such as CIFAR-10 or CelebA (needs internet once).
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Sized
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
+from trainer.config.ranges import FractionBelowOne, NonNegative, Partition, Positive, Seed
 from trainer.data.evaluation import Indexed, evaluation_loader
 from trainer.data.loading import ResumableLoader, partition_classes
 from trainer.errors import UserError
-from trainer.ranges import NonNegative, Positive
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -89,15 +89,15 @@ class ImageDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        image_size: int = 32,
-        channels: int = 1,
+        image_size: Positive = 32,
+        channels: Literal[1, 3] = 1,  # grey or RGB
         batch_size: Positive = 64,
-        val_fraction: float = 0.1,
+        val_fraction: FractionBelowOne = 0.1,  # (1 would leave nothing to train on)
         num_workers: NonNegative = 0,
         pin_memory: bool = False,
         channels_last: bool = False,
-        partition: str = "iid",
-        seed: int = 0,
+        partition: Partition = "iid",
+        seed: Seed = 0,
     ):
         super().__init__()
         partition_classes(partition, [])  # the name's check, before any loading
@@ -107,8 +107,8 @@ class ImageDataModule(L.LightningDataModule):
         self.val_fraction, self.num_workers, self.pin_memory = val_fraction, num_workers, pin_memory
         self.channels_last, self.partition, self.seed = channels_last, partition, seed
         self.train_classes: list[int] | None = None  # each training image's class, where the source has them
-        self.train_set: Dataset | None = None
-        self.val_set: Dataset | None = None
+        self.train_set: Subset | None = None
+        self.val_set: Subset | None = None
 
     def load(self) -> Dataset:
         raise NotImplementedError
@@ -117,10 +117,11 @@ class ImageDataModule(L.LightningDataModule):
         if self.train_set is not None:
             return
         dataset = self.load()
+        assert isinstance(dataset, Sized)  # (a map-style data set)
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.seed)).tolist()
         n_val = round(len(dataset) * self.val_fraction)
-        self.val_set = torch.utils.data.Subset(dataset, order[:n_val])
-        self.train_set = torch.utils.data.Subset(dataset, order[n_val:])
+        self.val_set = Subset(dataset, order[:n_val])
+        self.train_set = Subset(dataset, order[n_val:])
         classes = getattr(dataset, "classes", None)
         if classes is not None:
             self.train_classes = [int(classes[i]) for i in order[n_val:]]
@@ -131,6 +132,7 @@ class ImageDataModule(L.LightningDataModule):
             )
 
     def train_dataloader(self) -> ResumableLoader:
+        assert self.train_set is not None  # (setup)
         return ResumableLoader(
             self.train_set,
             batch_size=self.batch_size,
@@ -144,6 +146,7 @@ class ImageDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         """(index, image) batches: validation results are keyed by image (trainer/data/evaluation.py)."""
+        assert self.val_set is not None  # (setup)
         return evaluation_loader(
             Indexed(self.val_set), self.batch_size, num_workers=self.num_workers, pin_memory=self.pin_memory
         )
@@ -162,8 +165,10 @@ class DigitsDataModule(ImageDataModule):
 
     def load(self) -> Dataset:
         from sklearn.datasets import load_digits
+        from sklearn.utils import Bunch
 
         bunch = load_digits()
+        assert isinstance(bunch, Bunch)  # (not return_X_y's tuple)
         digits = (bunch.images * (255.0 / 16.0)).astype(np.uint8)
         images = [image_to_tensor(Image.fromarray(d), self.image_size, self.channels) for d in digits]
         return TensorImages(torch.stack(images), classes=bunch.target.tolist())
@@ -199,6 +204,8 @@ class ImageFolderDataModule(ImageDataModule):
 
 class HubImageDataModule(ImageDataModule):
     """A Hugging Face data set with an image column, e.g. name=uoft-cs/cifar10 image_key=img."""
+
+    name: str  # the data set's (a LightningDataModule's own may be None)
 
     def __init__(
         self,

@@ -9,15 +9,17 @@ any number of loader processes augment exactly as an uninterrupted single-proces
 """
 
 from collections.abc import Iterator, Sequence, Sized
-from typing import Any
+from typing import Any, get_args
 
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from trainer.config.ranges import Partition
 from trainer.data.evaluation import rank_and_world
 from trainer.errors import UserError
+from trainer.lightning_internals import training_loaders
 
 
 class ShardedSampler(Sampler[int]):
@@ -78,7 +80,7 @@ def item_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> 1)
 
 
-PARTITIONS = ("iid", "by_class")
+PARTITIONS = get_args(Partition)
 
 
 def partition_classes(partition: str, classes: Sequence[int] | None) -> Sequence[int] | None:
@@ -123,6 +125,7 @@ class ResumableLoader(DataLoader):
     def __iter__(self) -> Iterator[Any]:
         resume_at, self._resume_at = self._resume_at, 0
         if isinstance(self.sampler, ShardedSampler):
+            assert self.batch_size is not None  # (always given)
             self.sampler.start = resume_at * self.batch_size
         self._batches_yielded = resume_at
         for batch in super().__iter__():
@@ -155,8 +158,6 @@ class LoaderPosition(L.Callback):
     """
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        fit_loop = trainer.fit_loop
-        fit_loop._load_combined_loader_states()  # a no-op when Lightning has loaded them or when not resuming
-        for loader in fit_loop._combined_loader.flattened if fit_loop._combined_loader else []:
+        for loader in training_loaders(trainer):
             if isinstance(loader, ResumableLoader):
                 loader.end_epochs_at(trainer.num_training_batches)

@@ -14,15 +14,16 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset
 
+from trainer.config.ranges import NonNegative, Positive, Seed
 from trainer.data.evaluation import evaluation_loader
 from trainer.data.loading import ResumableLoader
 from trainer.data.qa_facts import write_facts_dataset
 from trainer.errors import UserError
 from trainer.models.qa import load_tokenizer
-from trainer.ranges import NonNegative, Positive
 
 MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
 
@@ -149,11 +150,10 @@ def tokenize(examples: Sequence[Example], tokenizer: Any, max_length: int, doc_s
         if example.answers:
             answer_start = example.starts[0]
             answer_end = answer_start + len(example.answers[0])
-            in_context = [t for t, span in enumerate(offsets) if span is not None]
-            first, last = in_context[0], in_context[-1]
-            if offsets[first][0] <= answer_start and offsets[last][1] >= answer_end:
-                start = next(t for t in range(first, last + 1) if offsets[t][1] > answer_start)
-                end = next(t for t in range(last, first - 1, -1) if offsets[t][0] < answer_end)
+            in_context = [(t, span) for t, span in enumerate(offsets) if span is not None]
+            if in_context[0][1][0] <= answer_start and in_context[-1][1][1] >= answer_end:
+                start = next(t for t, span in in_context if span[1] > answer_start)
+                end = next(t for t, span in reversed(in_context) if span[0] < answer_end)
         features.inputs.append({k: encoded[k][i] for k in MODEL_INPUTS if k in encoded})
         features.example.append(example_index)
         features.start_positions.append(start)
@@ -172,7 +172,7 @@ class FeatureSet(Dataset):
         return len(self.features.inputs)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        item = dict(self.features.inputs[index])
+        item: dict[str, Any] = dict(self.features.inputs[index])
         if self.train:
             item["start_positions"] = self.features.start_positions[index]
             item["end_positions"] = self.features.end_positions[index]
@@ -181,11 +181,12 @@ class FeatureSet(Dataset):
         return item
 
 
-class PadToLongest:
-    """Batches of token lists padded to the longest item of the batch, not to `max_length`."""
+class PadBatch:
+    """Batches of token lists padded to the longest item's length rounded up to a multiple of `multiple`
+    (`multiple=max_length`: to max_length)."""
 
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
+    def __init__(self, pad_token_id: int, multiple: int):
+        self.pad_token_id, self.multiple = pad_token_id, multiple
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = {}
@@ -193,9 +194,11 @@ class PadToLongest:
             values = [item[key] for item in items]
             if isinstance(values[0], list):
                 padding = self.pad_token_id if key == "input_ids" else 0
-                batch[key] = pad_sequence(
+                padded = pad_sequence(
                     [torch.tensor(v) for v in values], batch_first=True, padding_value=padding
                 )
+                length = -(-padded.shape[1] // self.multiple) * self.multiple
+                batch[key] = F.pad(padded, (0, length - padded.shape[1]), value=padding)
             else:
                 batch[key] = torch.tensor(values)
         return batch
@@ -210,7 +213,12 @@ class ValidationSet:
 
 class SquadDataModule(L.LightningDataModule):
     """SQuAD v1.1/v2.0 files, a Hugging Face data set (`name=squad`), or, when neither is given, the embedded
-    facts data set (trainer/data/qa_facts.py) written once under `cache_dir`."""
+    facts data set (trainer/data/qa_facts.py) written once under `cache_dir`.
+
+    Batches are padded to their longest window rounded up to a multiple of 8 (whole tensor-core tiles); with
+    `static_shapes` (on when the model is compiled, which compiles every new shape) to `max_length`: one shape
+    in training, and in validation one more for its last, smaller batch. Compiled, set `max_length` near the
+    longest window (the embedded set's is under 100 tokens)."""
 
     def __init__(
         self,
@@ -219,15 +227,16 @@ class SquadDataModule(L.LightningDataModule):
         val_file: str | None = None,
         name: str | None = None,
         version_2: bool | None = None,
-        max_length: int = 384,
-        doc_stride: int = 128,
+        max_length: Positive = 384,
+        doc_stride: NonNegative = 128,  # (< max_length // 2: trainer/config/ranges.py RULES)
         batch_size: Positive = 16,
         eval_batch_size: Positive = 64,
-        facts: dict[str, int] | None = None,
+        facts: dict[str, NonNegative] | None = None,  # paragraphs per split, and their seed
         cache_dir: str = "~/.cache/trainer",
         num_workers: NonNegative = 0,
         pin_memory: bool = False,
-        seed: int = 0,
+        static_shapes: bool = False,
+        seed: Seed = 0,
     ):
         super().__init__()
         if doc_stride >= max_length // 2:
@@ -244,14 +253,14 @@ class SquadDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.facts = dict(facts or {"train_paragraphs": 500, "val_paragraphs": 40, "seed": 0})
         self.cache_dir, self.num_workers, self.seed = Path(cache_dir).expanduser(), num_workers, seed
-        self.pin_memory = pin_memory
+        self.pin_memory, self.pad_multiple = pin_memory, max_length if static_shapes else 8
         self.train_set: FeatureSet | None = None
         self.val_set: ValidationSet | None = None
 
     def load_examples(self) -> tuple[list[Example], list[Example]]:
         if self.name:
             return load_hub_squad(self.name)
-        if self.train_file is None:
+        if self.train_file is None or self.val_file is None:  # (both or neither: __init__)
             paths = write_facts_dataset(self.cache_dir, **self.facts)
             return read_squad_file(paths["train"]), read_squad_file(paths["validation"])
         return read_squad_file(self.train_file), read_squad_file(self.val_file)
@@ -277,12 +286,13 @@ class SquadDataModule(L.LightningDataModule):
             )
 
     def train_dataloader(self) -> ResumableLoader:
+        assert self.train_set is not None  # (setup)
         return ResumableLoader(
             self.train_set,
             batch_size=self.batch_size,
             seed=self.seed,
             drop_last=True,
-            collate_fn=PadToLongest(self.pad_token_id),
+            collate_fn=PadBatch(self.pad_token_id, self.pad_multiple),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
@@ -291,13 +301,14 @@ class SquadDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         # Shortest windows first: batches of similar length waste little padding. Order does not matter,
         # every item carries its feature index.
+        assert self.val_set is not None  # (setup)
         inputs = self.val_set.features.inputs
         by_length = sorted(range(len(inputs)), key=lambda i: len(inputs[i]["input_ids"]))
         return evaluation_loader(
             FeatureSet(self.val_set.features, train=False),
             self.eval_batch_size,
             by_length,
-            collate_fn=PadToLongest(self.pad_token_id),
+            collate_fn=PadBatch(self.pad_token_id, self.pad_multiple),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
         )
@@ -320,4 +331,9 @@ def load_hub_squad(name: str) -> tuple[list[Example], list[Example]]:
         raise UserError(
             f"hub data set {name!r} has no {', '.join(sorted(missing))} split: use one in SQuAD layout"
         )
-    return tuple([to_example(r, f"hub data set {name}") for r in splits[s]] for s in ("train", "validation"))
+    # (a split's rows are dicts; `datasets` declares no row type, and its inferred one holds lists too)
+    train, validation = (
+        [to_example(r, f"hub data set {name}") for r in splits[s]]  # pyright: ignore[reportArgumentType]
+        for s in ("train", "validation")
+    )
+    return train, validation

@@ -13,11 +13,11 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.fabric.utilities.apply_func import apply_to_collection
+from lightning_utilities.core.apply_func import apply_to_collection
 
 from trainer.checkpoint import SafeCheckpointIO
+from trainer.distributed.fsdp import full_state
 from trainer.errors import UserError
-from trainer.fsdp import full_state
 
 FORMAT = 2
 
@@ -47,13 +47,23 @@ def write_bundle(
     buffers_at_start: dict[str, torch.Tensor],
     history: dict[str, list[tuple[int, float]]],
     layer_grad_norms: dict[str, float],
+    lrs: list[list[float]] | None = None,
 ) -> Path:
-    """Weights and optimizer states are read now, before the bad update; buffers that the forward pass has
-    already moved (BatchNorm statistics) are taken from the start of the batch. Called on every rank: the
-    strategy gathers the whole model's state (under FSDP, each rank holds a part), rank 0 writes."""
+    """Weights and optimizer states are read now (a halt or rollback alarm froze them before the bad update);
+    buffers that the forward pass has already moved (BatchNorm statistics) are taken from the start of the
+    batch, and so are the learning rates (`lrs`, per optimizer and group), which schedulers have moved since.
+    Called on every rank: the strategy gathers the whole model's state (under FSDP, each rank holds a part),
+    rank 0 writes."""
     with full_state(trainer.strategy):
         model_state = trainer.strategy.lightning_module_state_dict()
-        optimizer_states = [trainer.strategy.optimizer_state(opt) for opt in trainer.optimizers]
+        # (Lightning declares dict[str, Tensor]; an optimizer's state dict holds lists and dicts too)
+        optimizer_states: list[dict[str, Any]] = [
+            trainer.strategy.optimizer_state(o) for o in trainer.optimizers
+        ]
+    for state, group_lrs in zip(optimizer_states, lrs or []):
+        # FSDP gathers the full optimizer state on rank 0 only; the other ranks hold empty dicts.
+        for group, lr in zip(state.get("param_groups", []), group_lrs):
+            group["lr"] = lr
     batch_rank, batch, rng = _culprit_batch(trainer, batch, rng)
     if not trainer.is_global_zero:
         return folder

@@ -82,7 +82,12 @@ def gradient_check(
     results = []
     with torch.no_grad():
         for name, p in module.named_parameters():
-            flat, grad = p.view(-1), p.grad.view(-1)
+            if not p.requires_grad:
+                continue  # frozen: no gradient to check
+            # No gradient: autograd sees no path from the parameter to the loss; the finite differences tell
+            # whether there is none.
+            flat = p.view(-1)
+            grad = p.grad.view(-1) if p.grad is not None else torch.zeros_like(flat)
             worst = 0.0
             for i in torch.randperm(flat.numel(), generator=generator)[:entries_per_parameter].tolist():
                 original = flat[i].item()

@@ -1,18 +1,17 @@
-"""Detectors that look at one number per step and say when it is out of line.
+"""Detectors that look at one number per step (or per validation) and say when it is out of line; the
+collapse checks, which read a task's own numbers, are in collapse.py.
 
 Their defaults come from `scripts/bench_guard.py`, which runs them on healthy runs of every exp and on runs
-that diverge by themselves (README, "When a run diverges").
+that diverge by themselves (docs/divergence.md, docs/benchmarks.md).
 """
 
 import fnmatch
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, overload
 
 import numpy as np
-
-from trainer.tasks.base import GANReport, PolicyReport, StepReport, ValueReport
 
 
 @dataclass(frozen=True)
@@ -76,55 +75,67 @@ class SpikeDetector:
         self.values: deque[float] = deque(maxlen=window)
         self.alarmed: list[float] = []  # the current run of alarming values
         self.warm = False  # seen `warmup` values; after a change of level, `patience` values will do
+        self._limit: float | None = None  # limit() of the current window, until the window changes
 
-    def update(self, value: float) -> Alarm | None:
+    def update(self, value: float, limit: float | None = None) -> Alarm | None:
         """An alarm if `value` is out of line, else None; non-finite values are another detector's
-        business."""
+        business. `limit`: the one a decision on the device used (`limit()` of an earlier window), so that
+        what is reported is what was done; else the current window's."""
         if not self.enabled or not value > 0 or math.isinf(value):
             return None
+        limit = self.limit() if limit is None else limit
+        alarm = self._alarm(value, limit) if value > limit else None
         self.warm = self.warm or len(self.values) >= self.warmup
-        alarm = self._test(value) if self.warm else self._test_early(value)
         if alarm is None:
             self.alarmed.clear()
             self.values.append(value)
+            self._limit = None
         else:
             self.alarmed.append(value)
             if len(self.alarmed) >= self.patience:  # the new normal
                 self.values = deque(self.alarmed, maxlen=self.window)
-                self.alarmed = []
+                self.alarmed, self._limit = [], None
         return alarm
 
-    def score(self, value: float) -> tuple[float, float, float]:
-        """(robust deviations above the median, value / median, the limit) of a positive value, on the current
-        window; what `update` decides on."""
+    def limit(self) -> float:
+        """The largest next value that does not alarm: `threshold` robust deviations and `min_ratio` times
+        above the window's median; before `warmup` values, `early_ratio` times the largest so far."""
+        if self._limit is None:
+            self._limit = self._compute_limit()
+        return self._limit
+
+    def _compute_limit(self) -> float:
+        if not self.enabled or not self.values:
+            return math.inf
+        if not (self.warm or len(self.values) >= self.warmup):
+            return self.early_ratio * max(self.values)
+        median, spread = self._centre()
+        return math.exp(median + max(self.threshold * spread, math.log(self.min_ratio)))
+
+    def score(self, value: float) -> tuple[float, float]:
+        """(robust deviations above the median, value / median) of a positive value on the current window."""
+        median, spread = self._centre()
+        return (math.log(value) - median) / spread, value / math.exp(median)
+
+    def _centre(self) -> tuple[float, float]:
+        """The median of the window's logs and their spread (MAD scaled to a standard deviation)."""
         logs = np.log(np.fromiter(self.values, float, len(self.values)))
-        median = float(np.median(logs))
-        spread = max(1.4826 * float(np.median(np.abs(logs - median))), 1e-6)
-        limit = math.exp(median + max(self.threshold * spread, math.log(self.min_ratio)))
-        return (math.log(value) - median) / spread, value / math.exp(median), limit
+        median = _median(logs)
+        return median, max(1.4826 * _median(np.abs(logs - median)), 1e-6)
 
-    def _test(self, value: float) -> Alarm | None:
-        score, ratio, limit = self.score(value)
-        if score <= self.threshold or ratio <= self.min_ratio:
-            return None
-        return Alarm(score, ratio, limit, f"the median of its last {len(self.values)} values")
-
-    def _test_early(self, value: float) -> Alarm | None:
-        if not self.values or value <= self.early_ratio * (largest := max(self.values)):
-            return None
-        return Alarm(
-            0.0,
-            value / largest,
-            self.early_ratio * largest,
-            f"the largest of the {len(self.values)} values before it",
-        )
+    def _alarm(self, value: float, limit: float) -> Alarm:
+        if self.warm or len(self.values) >= self.warmup:
+            score, ratio = self.score(value)
+            return Alarm(score, ratio, limit, f"the median of its last {len(self.values)} values")
+        largest = max(self.values)
+        return Alarm(0.0, value / largest, limit, f"the largest of the {len(self.values)} values before it")
 
     def state_dict(self) -> dict[str, Any]:
         return {"values": list(self.values), "alarmed": list(self.alarmed), "warm": self.warm}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.values = deque(state["values"], maxlen=self.window)
-        self.alarmed, self.warm = list(state["alarmed"]), state["warm"]
+        self.alarmed, self.warm, self._limit = list(state["alarmed"]), state["warm"], None
 
 
 class LevelDetector:
@@ -146,7 +157,7 @@ class LevelDetector:
         self.seen += 1
         if len(self.recent) < self.window:
             return None
-        level = float(np.median(self.recent))
+        level = _median(np.fromiter(self.recent, float, len(self.recent)))
         alarm = None
         if self.seen >= self.warmup and level > self.ratio * self.best > 0:
             alarm = Alarm(
@@ -167,6 +178,15 @@ class LevelDetector:
         self.best, self.seen = state["best"], state["seen"]
 
 
+def _median(values: np.ndarray) -> float:
+    """np.median's value, by partition: a third of its time on a few hundred values (read every step)."""
+    n, k = len(values), len(values) // 2
+    if n % 2:
+        return float(np.partition(values, k)[k])
+    lower, upper = np.partition(values, [k - 1, k])[k - 1 : k + 1]
+    return float((lower + upper) / 2)
+
+
 class SeriesWatch:
     """The spike and level detectors of every series, each made on first sight with that series' settings
     (`per_series` globs over the common ones; the guard's `action` is not theirs). Gradient norms are watched
@@ -178,7 +198,17 @@ class SeriesWatch:
         "level": LevelDetector,
     }
 
-    def __init__(self, spike: dict[str, Any] | None = None, level: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        spike: dict[str, Any] | None = None,
+        level: dict[str, Any] | None = None,
+        blowup: dict[str, Any] | None = None,
+    ):
+        blowup = {k: v for k, v in (blowup or {}).items() if k != "action"}
+        enabled, factor = blowup.pop("enabled", True), blowup.pop("factor", 100.0)
+        if blowup or not factor > 1:
+            raise ValueError(f"blowup takes enabled and factor > 1, got {blowup or factor}")
+        self.blowup_factor = factor if enabled else math.inf
         self.settings = {
             kind: {k: v for k, v in (settings or {}).items() if k != "action"}
             for kind, settings in (("spike", spike), ("level", level))
@@ -190,25 +220,48 @@ class SeriesWatch:
             self.detector(kind, "loss")
         self.detectors = {kind: {} for kind in self.KINDS}
 
+    @overload
+    def detector(self, kind: Literal["spike"], series: str) -> SpikeDetector: ...
+    @overload
+    def detector(self, kind: Literal["level"], series: str) -> LevelDetector: ...
+    @overload
+    def detector(self, kind: str, series: str) -> SpikeDetector | LevelDetector: ...
     def detector(self, kind: str, series: str) -> SpikeDetector | LevelDetector:
         if series not in self.detectors[kind]:
             self.detectors[kind][series] = self.KINDS[kind](**settings_for(series, self.settings[kind]))
         return self.detectors[kind][series]
 
-    def update(self, series: str, value: float, loss: bool) -> list[tuple[str, Alarm]]:
-        """(kind, alarm) for each detector of the series that `value` sets off."""
-        kinds = ("spike", "level") if loss else ("spike",)
-        return [
-            (kind, alarm)
-            for kind in kinds
-            if (alarm := self.detector(kind, series).update(value)) is not None
-        ]
+    def update(
+        self,
+        series: str,
+        value: float,
+        loss: bool,
+        limit: float | None = None,
+        blowup_limit: float | None = None,
+    ) -> list[tuple[str, Alarm]]:
+        """(kind, alarm) for each detector of the series that `value` sets off: a spike, or a blow-up when it
+        is more than `blowup.factor` times past the spike limit; the level of a loss. `limit` and
+        `blowup_limit`: those a decision on the device used (SpikeDetector.update)."""
+        alarms = []
+        if (alarm := self.detector("spike", series).update(value, limit)) is not None:
+            blown = value > (blowup_limit if blowup_limit is not None else self.blowup_factor * alarm.limit)
+            alarms.append(("blowup" if blown else "spike", alarm))
+        if loss and (alarm := self.detector("level", series).update(value)) is not None:
+            alarms.append(("level", alarm))
+        return alarms
+
+    def limits(self, series: str) -> tuple[float, float]:
+        """The spike limit and the blow-up limit for the next value of `series`."""
+        limit = self.detector("spike", series).limit()
+        return limit, limit * self.blowup_factor
 
     def restart(self) -> None:
         """After a rollback: the values since the snapshot belong to a trajectory that is gone."""
         for detector in self.detectors["spike"].values():
+            assert isinstance(detector, SpikeDetector)
             detector.alarmed.clear()
         for detector in self.detectors["level"].values():
+            assert isinstance(detector, LevelDetector)
             detector.recent.clear()
 
     def state_dict(self) -> dict[str, Any]:
@@ -223,127 +276,44 @@ class SeriesWatch:
                 self.detector(kind, series).load_state_dict(detector_state)
 
 
-class Streak:
-    """True once a condition has held for `steps` steps in a row (then counting starts again)."""
-
-    def __init__(self, steps: int):
-        if steps < 1:
-            raise ValueError(f"a streak needs steps >= 1, got {steps}")
-        self.steps, self.count = steps, 0
-
-    def update(self, holds: bool) -> bool:
-        self.count = self.count + 1 if holds else 0
-        if self.count >= self.steps:
-            self.count = 0
-            return True
-        return False
-
-
-class DiversityDrop:
-    """Mode collapse seen at validation: the samples' diversity falls below `fraction` of the best it has
-    reached, once that best is at least `reached` (an early generator is not diverse yet: not a collapse)."""
-
-    def __init__(self, fraction: float = 0.5, reached: float = 0.3):
-        self.fraction, self.reached = fraction, reached
-        self.best = 0.0
-
-    def update(self, diversity: float) -> bool:
-        collapsed = (
-            self.best >= self.reached and not diversity >= self.fraction * self.best
-        )  # (NaN: collapsed)
-        self.best = max(self.best, diversity) if math.isfinite(diversity) else self.best
-        return collapsed
-
-
-class CollapseWatch:
-    """Collapses that only a task's own numbers show, read from the report types that carry them
-    (trainer/tasks/base.py); each must hold for some steps in a row:
-    - a GAN's discriminator wins outright, D(x) > `d_x_above` with D(G(z)) < `d_g_z_below`, for
-      `d_wins_steps` steps: the generator gets no useful gradient;
-    - a policy's entropy falls below `entropy_fraction` of the uniform policy's for `rl_steps` steps: it has
-      become (nearly) deterministic and stops exploring;
-    - Q-values exceed `value_multiple` times the largest return the rewards allow for `rl_steps` steps: the
-      value estimates have blown up, which no correct Q-function can do;
-    - one policy update moves the policy more than `max_policy_kl` (approximate KL divergence, nats) from the
-      policy that collected its data: it left the trust region that PPO's clipping is meant to keep;
-    and, at validation, the samples' diversity falls (`DiversityDrop`): mode collapse.
-    """
+class MetricLevel:
+    """The validation metric that defines "best" (`monitor.metric`), worse than the best it reached by more
+    than `margin` of that best for `evaluations` evaluations in a row: a run that got worse where it matters
+    and stayed worse. Healthy runs of every exp fell at most 36% below their best for two evaluations in a
+    row (DQN's return), the zoo's failing runs 62% to 180% (scripts/bench_guard.py)."""
 
     def __init__(
         self,
-        d_wins_steps: int = 50,
-        d_x_above: float = 0.99,
-        d_g_z_below: float = 0.01,
-        entropy_fraction: float = 0.2,
-        value_multiple: float = 2.0,
-        rl_steps: int = 5,
-        max_policy_kl: float = 0.2,
-        diversity_fraction: float = 0.5,
-        diversity_reached: float = 0.3,
+        name: str | None = None,
+        mode: str = "max",
+        margin: float = 0.5,
+        evaluations: int = 2,
+        enabled: bool = True,
     ):
-        self.d_x_above, self.d_g_z_below, self.max_policy_kl = d_x_above, d_g_z_below, max_policy_kl
-        self.entropy_fraction, self.value_multiple = entropy_fraction, value_multiple
-        self.d_wins, self.deterministic, self.blown_up = (
-            Streak(d_wins_steps),
-            Streak(rl_steps),
-            Streak(rl_steps),
+        if mode not in ("min", "max") or not margin > 0 or evaluations < 1:
+            raise ValueError("metric needs mode min or max, margin > 0 and evaluations >= 1")
+        self.name = name if enabled else None
+        self.mode, self.margin, self.evaluations = mode, margin, evaluations
+        self.best, self.worse = math.nan, 0  # evaluations in a row worse than the best by the margin
+
+    def update(self, value: float) -> str | None:
+        """Why the metric is in alarm after this evaluation, else None."""
+        if math.isnan(self.best):
+            self.best = value if math.isfinite(value) else self.best
+            return None
+        shortfall = (self.best - value if self.mode == "max" else value - self.best) / abs(self.best or 1.0)
+        self.worse = self.worse + 1 if not shortfall <= self.margin else 0  # (NaN: worse)
+        if math.isfinite(value) and (value > self.best if self.mode == "max" else value < self.best):
+            self.best = value
+        if self.worse < self.evaluations:
+            return None
+        return (
+            f"{self.name} is {value:.4g}, {shortfall:.0%} worse than its best {self.best:.4g} at "
+            f"{self.evaluations if self.worse == self.evaluations else self.worse} evaluations in a row"
         )
-        self.diversity = DiversityDrop(diversity_fraction, diversity_reached)
-
-    def step(self, report: StepReport, readings: dict[str, float]) -> tuple[str, str] | None:
-        """(series, reason) when the step completes a collapse, else None."""
-        if isinstance(report, GANReport):
-            d_x, d_g_z = readings["D_x"], readings["D_G_z"]
-            if self.d_wins.update(d_x > self.d_x_above and d_g_z < self.d_g_z_below):
-                return "D_x", (
-                    f"the discriminator has won outright for {self.d_wins.steps} steps (D(x)={d_x:.3f}, "
-                    f"D(G(z))={d_g_z:.3g}): the generator gets no gradient to learn from"
-                )
-        if isinstance(report, PolicyReport) and report.max_entropy:
-            entropy = readings["entropy"]
-            if self.deterministic.update(entropy < self.entropy_fraction * report.max_entropy):
-                return "entropy", (
-                    f"the policy's entropy has stayed below {self.entropy_fraction:g} of the uniform "
-                    f"policy's ({report.max_entropy:.3g}) for {self.deterministic.steps} steps "
-                    f"(now {entropy:.3g}): policy collapse"
-                )
-        if isinstance(report, PolicyReport) and readings.get("approx_kl", 0.0) > self.max_policy_kl:
-            kl = readings["approx_kl"]
-            return "approx_kl", (
-                f"one update moved the policy {kl:.3g} nats (approximate KL) from the policy "
-                f"that collected its data, more than {self.max_policy_kl:g}: it left its trust "
-                "region (learning rate too high?)"
-            )
-        if isinstance(report, ValueReport) and report.max_return:
-            q = readings["q_values"]
-            if self.blown_up.update(q > self.value_multiple * report.max_return):
-                return "q_values", (
-                    f"the mean Q-value {q:.4g} has stayed above {self.value_multiple:g}x the largest "
-                    f"return the rewards allow ({report.max_return:.4g}) for {self.blown_up.steps} "
-                    "steps: the value estimates have blown up"
-                )
-        return None
-
-    def restart(self) -> None:
-        """After a rollback: streaks start again."""
-        for streak in (self.d_wins, self.deterministic, self.blown_up):
-            streak.count = 0
-
-    def validation(self, diversity: float) -> str | None:
-        if self.diversity.update(diversity):
-            return (
-                f"the samples' diversity fell to {diversity:.3g} of the data's, "
-                f"from {self.diversity.best:.3g} at best: mode collapse"
-            )
-        return None
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "streaks": [s.count for s in (self.d_wins, self.deterministic, self.blown_up)],
-            "best_diversity": self.diversity.best,
-        }
+        return {"best": self.best, "worse": self.worse}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for streak, count in zip((self.d_wins, self.deterministic, self.blown_up), state["streaks"]):
-            streak.count = count
-        self.diversity.best = state["best_diversity"]
+        self.best, self.worse = state["best"], state["worse"]

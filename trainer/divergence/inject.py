@@ -13,7 +13,7 @@ import lightning as L
 import torch
 
 from trainer.errors import UserError
-from trainer.loggers import log_step
+from trainer.lightning_internals import log_step
 
 KINDS = ("nan_batch", "nan_weight", "huge_lr")
 

@@ -1,5 +1,6 @@
 """The picture of a divergence event: the last window of every watched series with the event marked, and the
-per-layer gradient norms of the step. The guard writes one beside each event; `trainer.replay` draws one
+per-layer gradient norms of the step. The guard writes one beside each event; `python -m trainer.replay` draws
+one
 with the norms it measured again.
 """
 

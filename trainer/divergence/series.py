@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainer.divergence.detectors import CollapseWatch, SeriesWatch
+from trainer.divergence.collapse import CollapseWatch
+from trainer.divergence.detectors import MetricLevel, SeriesWatch
 from trainer.tasks import base
 
 REPORTS = {
@@ -23,6 +24,7 @@ REPORTS = {
 @dataclass
 class Step:
     step: int
+    epoch: int
     batch_idx: int
     values: dict[str, float]  # everything the step reported
     grad_norms: dict[str, list[float]]  # per network, one per optimizer step
@@ -54,44 +56,56 @@ def read_record(path: str | Path) -> Record:
         elif (described := entry["report"]) is not None:
             # (DQN's steps report nothing before learning starts)
             report = REPORTS[described["type"]](
-                losses=dict.fromkeys(described["losses"]), **described["constants"]
+                # the losses' names only: their numbers are in `values`
+                losses=dict.fromkeys(described["losses"]),  # pyright: ignore[reportArgumentType]
+                **described["constants"],
             )
             record.steps.append(
-                Step(entry["step"], entry["batch_idx"], entry["values"], entry["grad_norms"], report)
+                Step(
+                    entry["step"],
+                    entry.get("epoch", 0),
+                    entry["batch_idx"],
+                    entry["values"],
+                    entry["grad_norms"],
+                    report,
+                )
             )
     return record
 
 
 def detect(record: Record, settings: dict[str, Any]) -> list[tuple[int, str, str]]:
-    """(step, detector, series) of every alarm the guard's spike, level and collapse detectors raise on the
-    recorded numbers with these `divergence` settings (the config node's spike, level, collapse), in the
-    order the guard meets them: each optimizer step's gradient norm, then the step's report."""
-    watch = SeriesWatch(settings.get("spike"), settings.get("level"))
+    """(step, detector, series) of every alarm the guard's spike, blow-up, level, metric and collapse
+    detectors raise on the recorded numbers with these `divergence` settings (the config node), in the order
+    the guard meets them: each optimizer step's gradient norm, then the step's report, its validation, the
+    end of its epoch. (The guard live compares gradient norms with the limits of a batch before.)"""
+    watch = SeriesWatch(settings.get("spike"), settings.get("level"), settings.get("blowup"))
     collapse_settings = {
         k: v for k, v in (settings.get("collapse") or {}).items() if k not in ("action", "enabled")
     }
     collapse = (
         CollapseWatch(**collapse_settings) if (settings.get("collapse") or {}).get("enabled", True) else None
     )
-    diversity = {
-        step: values["val/sample_diversity"]
-        for step, values in record.validations
-        if "val/sample_diversity" in values
-    }
+    metric = MetricLevel(**{k: v for k, v in (settings.get("metric") or {}).items() if k != "action"})
+    validations = dict(record.validations)
     alarms = []
-    for step in record.steps:
+    for i, step in enumerate(record.steps):
         for network, norms in step.grad_norms.items():
             for norm in norms:
-                alarms += [
-                    (step.step, kind, f"grad_norm/{network}")
-                    for kind, _ in watch.update(f"grad_norm/{network}", norm, loss=False)
-                ]
+                series = f"grad_norm/{network}"
+                alarms += [(step.step, kind, series) for kind, _ in watch.update(series, norm, loss=False)]
         for name in step.report.losses:
             alarms += [
                 (step.step, kind, name) for kind, _ in watch.update(name, step.values[name], loss=True)
             ]
-        if collapse is not None and (collapsed := collapse.step(step.report, step.values)) is not None:
+        if collapse is not None and (collapsed := collapse.step(step.report, step.values, step.epoch)):
             alarms.append((step.step, "collapse", collapsed[0]))
-        if collapse is not None and step.step in diversity and collapse.validation(diversity[step.step]):
+        validation = validations.get(step.step, {})
+        if metric.name in validation and metric.update(validation[metric.name]):
+            alarms.append((step.step, "metric", metric.name))
+        diversity = validation.get("val/sample_diversity")
+        if collapse is not None and diversity is not None and collapse.validation(diversity):
             alarms.append((step.step, "collapse", "sample_diversity"))
+        epoch_over = i + 1 == len(record.steps) or record.steps[i + 1].epoch != step.epoch
+        if collapse is not None and epoch_over and (collapsed := collapse.epoch_end(step.epoch)):
+            alarms.append((step.step, "collapse", collapsed[0]))
     return alarms

@@ -18,11 +18,14 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
-from typing import Any
+from typing import Annotated, Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.config import check_arguments
+from trainer.config.build import check_arguments
+from trainer.config.plain import plain_dict
+from trainer.config.ranges import Interval, NonNegative, Positive, SlurmTime
+from trainer.config.resume import refuse_changed_config
 from trainer.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -33,23 +36,22 @@ WHERE = re.compile(r"^[+~]*(launcher|slurm|hydra\.run\.dir|hydra/launcher)([.=/]
 
 @dataclass
 class SlurmJob:
-    nodes: int = 1
-    gpus_per_node: int = 0
-    cpus_per_task: int = 2
+    nodes: Positive = 1
+    gpus_per_node: NonNegative = 0
+    cpus_per_task: Positive = 2
     mem: str | None = None
     partition: str | None = None
-    time: str = "01:00:00"
+    time: SlurmTime = "01:00:00"
     account: str | None = None
     qos: str | None = None
     job_name: str | None = None
-    extra_sbatch: list[str] = field(
-        default_factory=list
-    )  # more "#SBATCH ..." lines, e.g. "--constraint=a100"
+    # more "#SBATCH ..." lines, e.g. "--constraint=a100"
+    extra_sbatch: list[str] = field(default_factory=list)
     setup: list[str] = field(default_factory=list)  # shell lines before training: modules, environments
-    signal_seconds: int = 120  # warning before the time limit: save, requeue
+    signal_seconds: Annotated[int, Interval(1, 65535)] = 120  # warning before the time limit: save, requeue
     via_ray: bool | None = None  # run through a Ray cluster in the allocation; None: when nodes > 1
-    ray_workers: int | None = None  # Ray Train workers (default: nodes x max(1, gpus_per_node))
-    ray_port_base: int = 6400
+    ray_workers: Positive | None = None  # Ray Train workers (default: nodes x max(1, gpus_per_node))
+    ray_port_base: Annotated[int, Interval(1024, 64535)] = 6400  # + job id % 1000: an unprivileged port
     ray_head_ip: str | None = None  # default: the first node's address (`hostname --ip-address`)
     sweep_file: str | None = None  # one line of overrides per run: submitted as a job array
     dry_run: bool = False
@@ -74,6 +76,8 @@ class SlurmLauncher:
     def launch(self, cfg: DictConfig) -> dict[str, Any]:
         job = slurm_job(cfg)
         run_dir = Path(cfg.run_dir).resolve()
+        # The job would refuse a run dir that holds another config's run: said here, before anything queues.
+        refuse_changed_config(run_dir, cfg.resume, cfg.ckpt_path, plain_dict(cfg))
         script = render(cfg, job, run_dir, task_overrides())
         path = run_dir / "slurm" / "job.sbatch"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,7 +95,7 @@ class SlurmLauncher:
 def slurm_job(cfg: DictConfig) -> SlurmJob:
     node = cfg.get("slurm") or OmegaConf.create({})
     check_arguments(SlurmJob, node, "slurm")
-    job = SlurmJob(**OmegaConf.to_container(node, resolve=True))
+    job = SlurmJob(**plain_dict(node))
     if cfg.mode == "tune" and job.via_ray is None:
         job.via_ray = True  # a Tune sweep runs on a Ray cluster started in the job, on one node or several
     validate(cfg, job)
@@ -100,10 +104,6 @@ def slurm_job(cfg: DictConfig) -> SlurmJob:
 
 def validate(cfg: DictConfig, job: SlurmJob) -> None:
     """Refuse a config that contradicts the allocation before anything is queued."""
-    if job.nodes < 1 or job.gpus_per_node < 0:
-        raise UserError(
-            f"slurm.nodes={job.nodes}, slurm.gpus_per_node={job.gpus_per_node}: need nodes >= 1, gpus >= 0"
-        )
     devices = cfg.trainer.get("devices", 1)
     if cfg.mode == "tune" and job.via_ray is False:
         raise UserError("mode=tune runs Ray Tune on a Ray cluster in the job: drop slurm.via_ray=false")

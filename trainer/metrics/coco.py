@@ -59,9 +59,11 @@ def coco_ap(ground_truth: dict[str, Any], detections: list[dict[str, Any]]) -> C
         return CocoScores(overall, overall, overall, per_class, dict(per_class))
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
         gt = COCO()
-        gt.dataset = _with_defaults(ground_truth)
+        # (pycocotools' stubs say a private TypedDict for the file's content, and a file name only for the
+        # results, which may be their list)
+        gt.dataset = _with_defaults(ground_truth)  # pyright: ignore[reportAttributeAccessIssue]
         gt.createIndex()
-        evaluation = COCOeval(gt, gt.loadRes(detections), iouType="bbox")
+        evaluation = COCOeval(gt, gt.loadRes(detections), iouType="bbox")  # pyright: ignore[reportArgumentType]
         evaluation.evaluate()
         evaluation.accumulate()
     # precision: [IoU threshold (.5:.05:.95), recall (101 points), category, area range, max detections];

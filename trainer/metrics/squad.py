@@ -52,15 +52,15 @@ def squad_metrics(predictions: dict[str, str], examples: Sequence[Example]) -> d
     if not scored:
         return {}
     metrics = {
-        "exact": 100 * np.mean([em for _, em, _ in scored]),
-        "f1": 100 * np.mean([f1 for _, _, f1 in scored]),
+        "exact": 100 * float(np.mean([em for _, em, _ in scored])),
+        "f1": 100 * float(np.mean([f1 for _, _, f1 in scored])),
     }
     unanswerable = [f1 for e, _, f1 in scored if not e.answers]
     if unanswerable:
         answerable = [f1 for e, _, f1 in scored if e.answers]
-        metrics["f1_has_answer"] = 100 * np.mean(answerable) if answerable else float("nan")
-        metrics["f1_no_answer"] = 100 * np.mean(unanswerable)
-    return {k: float(v) for k, v in metrics.items()}
+        metrics["f1_has_answer"] = 100 * float(np.mean(answerable)) if answerable else float("nan")
+        metrics["f1_no_answer"] = 100 * float(np.mean(unanswerable))
+    return metrics
 
 
 def predict_answers(

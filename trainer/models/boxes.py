@@ -16,26 +16,30 @@ def box_area(boxes: torch.Tensor) -> torch.Tensor:
 
 
 def _intersection_union(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pairwise intersection and union areas of boxes a (N, 4) and b (M, 4): two (N, M) tensors."""
-    top_left = torch.max(a[:, None, :2], b[None, :, :2])
-    bottom_right = torch.min(a[:, None, 2:], b[None, :, 2:])
+    """Intersection and union areas of boxes a (..., 4) and b (..., 4), broadcast against each other."""
+    top_left = torch.max(a[..., :2], b[..., :2])
+    bottom_right = torch.min(a[..., 2:], b[..., 2:])
     inter = (bottom_right - top_left).clamp(min=0).prod(-1)
-    return inter, box_area(a)[:, None] + box_area(b)[None, :] - inter
+    return inter, box_area(a) + box_area(b) - inter
 
 
 def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Pairwise intersection over union, (N, M)."""
-    inter, union = _intersection_union(a, b)
+    """Pairwise intersection over union of boxes a (N, 4) and b (M, 4), (N, M)."""
+    inter, union = _intersection_union(a[:, None], b[None])
     return inter / union.clamp(min=1e-9)
 
 
 def generalized_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Pairwise GIoU (Rezatofighi et al., 2019), (N, M): IoU minus the part of the smallest enclosing box
-    that neither box covers; in [-1, 1], and informative for boxes that do not overlap."""
+    """Pairwise GIoU of boxes a (N, 4) and b (M, 4), (N, M)."""
+    return paired_generalized_box_iou(a[:, None], b[None])
+
+
+def paired_generalized_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """GIoU (Rezatofighi et al., 2019) of each box in a (..., 4) with its counterpart in b (broadcast): IoU
+    minus the part of the smallest enclosing box that neither box covers; in [-1, 1], and informative for
+    boxes that do not overlap."""
     inter, union = _intersection_union(a, b)
-    enclosing = (torch.max(a[:, None, 2:], b[None, :, 2:]) - torch.min(a[:, None, :2], b[None, :, :2])).prod(
-        -1
-    )
+    enclosing = (torch.max(a[..., 2:], b[..., 2:]) - torch.min(a[..., :2], b[..., :2])).prod(-1)
     return inter / union.clamp(min=1e-9) - (enclosing - union) / enclosing.clamp(min=1e-9)
 
 
@@ -76,7 +80,7 @@ def _torchvision_ops() -> ModuleType | None:
     """torchvision.ops when torchvision loads next to this torch; None on CPU machines where its wheel is
     built for another torch and fails to import (see the README's Install section)."""
     try:
-        from torchvision import ops
+        from torchvision import ops  # pyright: ignore[reportMissingImports]  # (optional)
     except Exception:  # ImportError, or RuntimeError: "operator torchvision::nms does not exist"
         return None
     return ops

@@ -7,9 +7,15 @@ or double (discriminator) at every resolution step, as in the paper.
 
 import itertools
 import math
+from typing import Annotated
 
 import torch
 from torch import nn
+
+from trainer.config.ranges import Interval, Positive, PowerOfTwo
+
+# The generator starts from 4x4 and doubles it per layer: 8, 16, 32, ...
+ImageSize = Annotated[int, Interval(low=8), PowerOfTwo()]
 
 
 def _num_upsamplings(image_size: int) -> int:
@@ -29,7 +35,13 @@ def init_dcgan_weights(module: nn.Module) -> None:
 
 
 class Generator(nn.Module):
-    def __init__(self, latent_dim: int = 100, image_size: int = 64, channels: int = 3, width: int = 64):
+    def __init__(
+        self,
+        latent_dim: Positive = 100,
+        image_size: ImageSize = 64,
+        channels: Positive = 3,
+        width: Positive = 64,
+    ):
         super().__init__()
         self.latent_dim = latent_dim
         steps = _num_upsamplings(image_size)
@@ -56,7 +68,7 @@ class Generator(nn.Module):
 class Discriminator(nn.Module):
     """Outputs one logit per image; the sigmoid lives in the loss (BCE with logits) for stability."""
 
-    def __init__(self, image_size: int = 64, channels: int = 3, width: int = 64):
+    def __init__(self, image_size: ImageSize = 64, channels: Positive = 3, width: Positive = 64):
         super().__init__()
         steps = _num_upsamplings(image_size)
         widths = [width * 2**i for i in range(steps)]  # e.g. [64, 128, 256] for 32x32

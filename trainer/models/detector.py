@@ -8,12 +8,16 @@ torchvision's detection contract, so torchvision's models drop in by `_target_` 
 """
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
-from trainer.models.boxes import batched_nms, generalized_box_iou, sigmoid_focal_loss
+from trainer.config.ranges import Fraction, Positive, PositiveFloat
+from trainer.models.boxes import batched_nms, paired_generalized_box_iou, sigmoid_focal_loss
 
 Target = dict[str, torch.Tensor]
 
@@ -29,12 +33,12 @@ class FCOSLite(nn.Module):
 
     def __init__(
         self,
-        num_classes: int,
-        width: int = 32,
-        center_radius: float = 1.5,
-        score_threshold: float = 0.05,
-        nms_threshold: float = 0.5,
-        max_detections: int = 100,
+        num_classes: Positive,
+        width: Positive = 32,
+        center_radius: PositiveFloat = 1.5,  # in strides
+        score_threshold: Fraction = 0.05,
+        nms_threshold: Fraction = 0.5,  # an IoU
+        max_detections: Positive = 100,
     ):
         super().__init__()
         self.num_classes, self.center_radius = num_classes, center_radius
@@ -56,12 +60,22 @@ class FCOSLite(nn.Module):
         self.classes = nn.Conv2d(4 * w, num_classes, 3, padding=1)
         self.sides = nn.Conv2d(4 * w, 4, 3, padding=1)
         self.centerness = nn.Conv2d(4 * w, 1, 3, padding=1)
-        nn.init.constant_(
-            self.classes.bias, -math.log(99)
-        )  # start at p = 0.01: focal loss is stable from step 1
+        assert self.classes.bias is not None
+        # start at p = 0.01: focal loss is stable from step 1
+        nn.init.constant_(self.classes.bias, -math.log(99))
 
     def forward(self, images: list[torch.Tensor], targets: list[Target] | None = None) -> dict | list[dict]:
-        batch = self.pad(images)
+        logits, boxes, centerness, points = self.dense(self.pad(images))
+        if targets is not None:
+            return self.losses(logits, boxes, centerness, points, targets)
+        return [
+            self.detect(logits[i], boxes[i], centerness[i], image.shape[-2:])
+            for i, image in enumerate(images)
+        ]
+
+    def dense(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The network at every location: class logits (N, HW, K), boxes (N, HW, 4), centerness logits
+        (N, HW), and the locations' pixel coordinates (HW, 2: x, y)."""
         features = self.tower(self.backbone((batch - 0.5) / 0.25))
         h, w = features.shape[-2:]
         logits = self.classes(features).flatten(2).transpose(1, 2)  # N, HW, K
@@ -72,12 +86,13 @@ class FCOSLite(nn.Module):
         )
         points = (torch.stack([xs, ys], -1).flatten(0, 1).float() + 0.5) * self.stride  # HW, 2 (x, y)
         boxes = torch.cat([points - sides[..., :2], points + sides[..., 2:]], -1)  # N, HW, 4
-        if targets is not None:
-            return self.losses(logits, boxes, centerness, points, targets)
-        return [
-            self.detect(logits[i], boxes[i], centerness[i], image.shape[-2:])
-            for i, image in enumerate(images)
-        ]
+        return logits, boxes, centerness, points
+
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """torch.compile the dense network only, in place: its shapes follow the batch of images alone.
+        Target assignment and the losses follow the number of objects in each image, and detection the number
+        of candidate boxes: compiled, they would recompile at almost every batch."""
+        self.dense = torch.compile(self.dense, *args, **kwargs)
 
     def pad(self, images: list[torch.Tensor]) -> torch.Tensor:
         """One batch tensor, zero-padded at the bottom and right to a common size divisible by the stride."""
@@ -85,20 +100,20 @@ class FCOSLite(nn.Module):
         w = math.ceil(max(i.shape[-1] for i in images) / self.stride) * self.stride
         return torch.stack([F.pad(i, (0, w - i.shape[-1], 0, h - i.shape[-2])) for i in images])
 
-    def assign(self, points: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-        """For each point, the index of the object it predicts (-1: background): points inside a box and
-        within center_radius strides of its centre; where boxes overlap, the smallest one."""
-        if len(gt) == 0:
-            return torch.full((len(points),), -1, dtype=torch.long, device=points.device)
-        x, y = points[:, None, 0], points[:, None, 1]
-        inside = (x > gt[:, 0]) & (x < gt[:, 2]) & (y > gt[:, 1]) & (y < gt[:, 3])
+    def assign(self, points: torch.Tensor, gt: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """For each image and point (N, HW), the index of the object it predicts among the image's `gt` boxes
+        (N, M, 4; labels -1: padding), -1 for background: points inside a box and within center_radius
+        strides of its centre; where boxes overlap, the smallest one."""
+        x, y = points[:, None, 0], points[:, None, 1]  # HW, 1
+        gt = gt[:, None]  # N, 1, M, 4
+        inside = (x > gt[..., 0]) & (x < gt[..., 2]) & (y > gt[..., 1]) & (y < gt[..., 3])
         radius = self.center_radius * self.stride
-        near = ((x - (gt[:, 0] + gt[:, 2]) / 2).abs() < radius) & (
-            (y - (gt[:, 1] + gt[:, 3]) / 2).abs() < radius
+        near = ((x - (gt[..., 0] + gt[..., 2]) / 2).abs() < radius) & (
+            (y - (gt[..., 1] + gt[..., 3]) / 2).abs() < radius
         )
-        area = ((gt[:, 2] - gt[:, 0]) * (gt[:, 3] - gt[:, 1]))[None].expand(len(points), -1)
-        area = torch.where(inside & near, area, torch.inf)
-        smallest, index = area.min(1)
+        area = (gt[..., 2] - gt[..., 0]) * (gt[..., 3] - gt[..., 1])
+        area = torch.where(inside & near & (labels[:, None] >= 0), area, torch.inf)  # N, HW, M
+        smallest, index = area.min(2)
         return torch.where(smallest.isfinite(), index, -1)
 
     def losses(
@@ -109,32 +124,31 @@ class FCOSLite(nn.Module):
         points: torch.Tensor,
         targets: list[Target],
     ) -> dict[str, torch.Tensor]:
-        """Focal loss on every location's classes; GIoU and centerness on the locations assigned an object."""
-        classes, box_pairs, centerness_pairs = [], [], []
-        for i, target in enumerate(targets):
-            owner = self.assign(points, target["boxes"])
-            positive = owner >= 0
-            one_hot = torch.zeros_like(logits[i])
-            one_hot[positive, target["labels"][owner[positive]]] = 1.0
-            classes.append(one_hot)
-            gt = target["boxes"][owner[positive]]
-            box_pairs.append((boxes[i][positive], gt))
-            centerness_pairs.append((centerness[i][positive], centerness_target(points[positive], gt)))
-        num_positive = max(1.0, float(sum(len(gt) for _, gt in box_pairs)))
-        predicted, gt = (torch.cat(parts) for parts in zip(*box_pairs))
-        predicted_centerness, target_centerness = (torch.cat(parts) for parts in zip(*centerness_pairs))
-        giou = generalized_box_iou(predicted, gt).diagonal()
+        """Focal loss on every location's classes; GIoU and centerness on the locations assigned an object.
+        Computed at every location with the others weighted 0, never selected: a selection's size is a
+        value the host would wait for the GPU to know."""
+        gt, labels = pad_targets(targets)
+        owner = self.assign(points, gt, labels)  # N, HW
+        positive = owner >= 0
+        index = owner.clamp(min=0)  # background reads object 0 (or padding), weighted 0
+        gt = gt.gather(1, index[..., None].expand(-1, -1, 4))  # N, HW, 4: each location's object
+        labels = labels.gather(1, index)
+        kinds = torch.arange(self.num_classes, device=labels.device)
+        classes = positive[..., None] & (labels[..., None] == kinds)  # N, HW, K: one-hot where positive
+        num_positive = positive.sum().clamp(min=1)
+        target_centerness = torch.where(positive, centerness_target(points, gt), 0.0)
+        giou = paired_generalized_box_iou(boxes, gt)
         return {
-            "loss_classifier": sigmoid_focal_loss(logits, torch.stack(classes)) / num_positive,
+            "loss_classifier": sigmoid_focal_loss(logits, classes.to(logits.dtype)) / num_positive,
             "loss_box": ((1 - giou) * target_centerness).sum() / target_centerness.sum().clamp(min=1e-6),
             "loss_centerness": F.binary_cross_entropy_with_logits(
-                predicted_centerness, target_centerness, reduction="sum"
+                centerness, target_centerness, weight=positive.to(target_centerness.dtype), reduction="sum"
             )
             / num_positive,
         }
 
     def detect(
-        self, logits: torch.Tensor, boxes: torch.Tensor, centerness: torch.Tensor, size: tuple[int, int]
+        self, logits: torch.Tensor, boxes: torch.Tensor, centerness: torch.Tensor, size: Sequence[int]
     ) -> dict[str, torch.Tensor]:
         """Boxes scored sqrt(class probability x centerness) above the threshold, clipped to the image,
         class-wise NMS, the best max_detections."""
@@ -150,10 +164,21 @@ class FCOSLite(nn.Module):
         return {"boxes": boxes[keep], "labels": label[keep], "scores": scores[keep]}
 
 
+def pad_targets(targets: list[Target]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images' boxes (N, M, 4) and labels (N, M) as two tensors, padded to the most objects in an image
+    (at least one) with label -1."""
+    boxes = pad_sequence([t["boxes"] for t in targets], batch_first=True)
+    labels = pad_sequence([t["labels"] for t in targets], batch_first=True, padding_value=-1)
+    if boxes.shape[1] == 0:  # no object in the whole batch
+        boxes, labels = F.pad(boxes, (0, 0, 0, 1)), F.pad(labels, (0, 1), value=-1)
+    return boxes, labels
+
+
 def centerness_target(points: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-    """sqrt(min(l, r) / max(l, r) * min(t, b) / max(t, b)): 1 at a box's centre, towards 0 at its edges."""
-    left, top = points[:, 0] - gt[:, 0], points[:, 1] - gt[:, 1]
-    right, bottom = gt[:, 2] - points[:, 0], gt[:, 3] - points[:, 1]
+    """sqrt(min(l, r) / max(l, r) * min(t, b) / max(t, b)): 1 at a box's centre, towards 0 at its edges.
+    Points (..., 2) and boxes (..., 4) broadcast."""
+    left, top = points[..., 0] - gt[..., 0], points[..., 1] - gt[..., 1]
+    right, bottom = gt[..., 2] - points[..., 0], gt[..., 3] - points[..., 1]
     horizontal = torch.min(left, right) / torch.max(left, right)
     vertical = torch.min(top, bottom) / torch.max(top, bottom)
     return (horizontal * vertical).clamp(min=0).sqrt()

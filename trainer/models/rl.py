@@ -8,12 +8,16 @@ the environments' actions). A network of your own for DQN provides `forward` and
 import itertools
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
 import torch
 from torch import nn
 from torch.distributions import Categorical, Distribution, Independent, Normal
+
+from trainer.config.ranges import Positive
+from trainer.errors import UserError
 
 
 def mlp(
@@ -37,6 +41,8 @@ def mlp(
 
 
 def flat_size(space: gym.spaces.Space) -> int:
+    if space.shape is None:
+        raise UserError(f"the RL networks take spaces of numbers (Box, Discrete), not {space}")
     return math.prod(space.shape)
 
 
@@ -48,14 +54,23 @@ class ActorCritic(nn.Module):
         self,
         observation_space: gym.spaces.Box,
         action_space: gym.spaces.Space,
-        hidden: Sequence[int] = (64, 64),
+        hidden: Sequence[Positive] = (64, 64),
     ):
         super().__init__()
         self.discrete = isinstance(action_space, gym.spaces.Discrete)
-        actions = int(action_space.n) if self.discrete else flat_size(action_space)
+        actions = (
+            int(action_space.n) if isinstance(action_space, gym.spaces.Discrete) else flat_size(action_space)
+        )
         self.critic = mlp(flat_size(observation_space), hidden, 1, nn.Tanh, out_std=1.0)
         self.actor = mlp(flat_size(observation_space), hidden, actions, nn.Tanh, out_std=0.01)
         self.log_std = None if self.discrete else nn.Parameter(torch.zeros(actions))
+
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """torch.compile the two networks in place: PPO calls them (`policy`, `value`, `greedy`), never
+        `forward`. Their `forward`, not their `compile()`: dynamo does not trace a torch.nn container that is
+        called on its own (Sequential.compile() compiles nothing)."""
+        for network in (self.actor, self.critic):
+            network.forward = torch.compile(network.forward, *args, **kwargs)
 
     def value(self, obs: torch.Tensor) -> torch.Tensor:
         return self.critic(obs).squeeze(-1)
@@ -64,6 +79,7 @@ class ActorCritic(nn.Module):
         out = self.actor(obs)
         if self.discrete:
             return Categorical(logits=out, validate_args=False)
+        assert self.log_std is not None  # (continuous actions)
         return Independent(Normal(out, self.log_std.exp(), validate_args=False), 1, validate_args=False)
 
     def greedy(self, obs: torch.Tensor) -> torch.Tensor:
@@ -76,7 +92,7 @@ class QNetwork(nn.Module):
         self,
         observation_space: gym.spaces.Box,
         action_space: gym.spaces.Discrete,
-        hidden: Sequence[int] = (120, 84),
+        hidden: Sequence[Positive] = (120, 84),
     ):
         super().__init__()
         self.net = mlp(flat_size(observation_space), hidden, int(action_space.n), nn.ReLU)
@@ -95,7 +111,9 @@ class QNetwork(nn.Module):
         runs in NumPy on views of the weights: for the few rows of an env step, PyTorch's per-operation
         overhead is most of the cost (this network, one row: 27 us through torch, 6 through NumPy)."""
         if self._numpy_layers is None:
-            weight = self.net[0].weight
+            first = self.net[0]
+            assert isinstance(first, nn.Linear)
+            weight = first.weight
             if weight.device.type != "cpu" or weight.dtype == torch.bfloat16:  # (NumPy has no bfloat16)
                 with torch.no_grad():
                     return self.greedy(torch.from_numpy(obs).to(weight.device, weight.dtype)).cpu().numpy()

@@ -49,7 +49,9 @@ def read_trials(sweep_dir: Path, params: list[str]) -> list[Trial]:
         run_dir = config_file.parent
         config = OmegaConf.load(config_file)
         record_file = run_dir / TRIAL_FILE
-        record = json.loads(record_file.read_text()) if record_file.is_file() else {"status": "running"}
+        record: dict[str, Any] = (
+            json.loads(record_file.read_text()) if record_file.is_file() else {"status": "running"}
+        )
         trials.append(
             Trial(
                 name=run_dir.name,
@@ -62,10 +64,10 @@ def read_trials(sweep_dir: Path, params: list[str]) -> list[Trial]:
 
 
 def best_trial(trials: list[Trial], mode: str) -> Trial | None:
-    scored = [t for t in trials if t.value is not None and math.isfinite(t.value)]
+    scored = [(t.value, t) for t in trials if t.value is not None and math.isfinite(t.value)]
     if not scored:
         return None
-    return (min if mode == "min" else max)(scored, key=lambda t: t.value)
+    return (min if mode == "min" else max)(scored, key=lambda scored_trial: scored_trial[0])[1]
 
 
 def summarize(
@@ -130,14 +132,14 @@ def log_table_to_wandb(
     header: list[str],
     rows: list[list[Any]],
     best: Trial | None,
-    metric: str,
+    metric: str | None,
     settings: dict[str, Any],
     group: str | None,
 ) -> None:
     """One more run in the sweep's group, holding the results table and the best trial."""
     import wandb
 
-    from trainer.loggers import resolve_wandb_mode
+    from trainer.reporting.loggers import resolve_wandb_mode
 
     mode = resolve_wandb_mode(settings.get("mode", "auto"))
     if mode == "disabled":
@@ -149,12 +151,16 @@ def log_table_to_wandb(
         name=f"{group or sweep_dir.name}-summary",
         job_type="sweep-summary",
         dir=str(sweep_dir),
-        mode=mode,
+        mode=mode,  # pyright: ignore[reportArgumentType]  # (a mode W&B's own settings gave: it checks it)
         reinit="create_new",
     )
     try:
         run.log(
-            {"sweep/results": wandb.Table(columns=header, data=[[_plain(v) for v in row] for row in rows])}
+            {
+                "sweep/results": wandb.Table(
+                    columns=list(header), data=[[_plain(v) for v in row] for row in rows]
+                )
+            }
         )
         if best is not None:
             run.summary.update(

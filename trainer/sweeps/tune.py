@@ -19,13 +19,16 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import IntervalSweep
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.config import check_arguments
+from trainer.config.build import check_arguments
+from trainer.config.plain import plain_dict
+from trainer.config.ranges import Interval, Positive
 from trainer.errors import UserError
 from trainer.sweeps import sweep_group
 from trainer.sweeps.summary import Trial, summarize, wandb_settings, write_trial
@@ -40,38 +43,25 @@ class RayTrainLauncher(Protocol):
     def fit(self, cfg: DictConfig, callbacks: list[Any] | None = None) -> dict[str, Any]: ...
 
 
-SEARCHES = ("optuna", "random")
-SCHEDULERS = ("asha", "fifo")
 _MISSING = object()
 
 
 @dataclass
 class TuneSettings:
-    num_samples: int = 8  # trials
-    workers_per_trial: int = 1  # Ray Train workers of each trial (launcher.num_workers is for single runs)
-    max_concurrent: int = 2  # trials at once; each holds workers_per_trial x launcher.resources_per_worker
-    search: str = "optuna"  # optuna (TPE) | random
-    scheduler: str = "asha"  # asha: stop weak trials at each rung | fifo: every trial runs to the end
-    grace_period: int = 1  # reports (epochs) every trial gets before ASHA may stop it
-    reduction_factor: int = 2  # ASHA keeps the best 1/reduction_factor of the trials at each rung
+    num_samples: Positive = 8  # trials
+    workers_per_trial: Positive = 1  # Ray Train workers of each trial (launcher.num_workers: single runs)
+    max_concurrent: Positive = 2  # trials at once, each holding workers_per_trial x resources_per_worker
+    search: Literal["optuna", "random"] = "optuna"  # optuna (TPE) | random
+    scheduler: Literal["asha", "fifo"] = "asha"  # asha: stop weak trials at each rung | fifo: all to the end
+    grace_period: Positive = 1  # reports (epochs) every trial gets before ASHA may stop it
+    reduction_factor: Annotated[int, Interval(low=2)] = 2  # ASHA keeps the best 1/reduction_factor per rung
     params: dict[str, str] = field(default_factory=dict)  # config key -> Hydra sweep syntax
 
 
 def tune_settings(cfg: DictConfig) -> TuneSettings:
     node = cfg.get("tune") or OmegaConf.create({})
     check_arguments(TuneSettings, node, "tune")
-    settings = TuneSettings(**OmegaConf.to_container(node, resolve=True))
-    if settings.search not in SEARCHES:
-        raise UserError(f"tune.search={settings.search} is not one of {', '.join(SEARCHES)}")
-    if settings.scheduler not in SCHEDULERS:
-        raise UserError(f"tune.scheduler={settings.scheduler} is not one of {', '.join(SCHEDULERS)}")
-    counts = {
-        "num_samples": settings.num_samples,
-        "max_concurrent": settings.max_concurrent,
-        "workers_per_trial": settings.workers_per_trial,
-    }
-    if min(counts.values()) < 1:
-        raise UserError(", ".join(f"tune.{k}={v}" for k, v in counts.items()) + ": each must be at least 1")
+    settings = TuneSettings(**plain_dict(node))  # (in range: checked above)
     if not settings.params:
         raise UserError(
             "tune.params is empty: name the keys to search, e.g. tune.params={task.lr: "
@@ -103,14 +93,15 @@ def search_space(params: dict[str, str], cfg: DictConfig) -> dict[str, Any]:
         value = override.value()
         if not override.is_sweep_override():
             space[key] = value  # a fixed value
-        elif override.is_discrete_sweep():  # choice(...) or range(...)
-            space[key] = tune.choice(list(override.sweep_iterator()))
-        else:  # interval(a, b), possibly int(...) and tag(log, ...)
-            log, ints = "log" in value.tags, isinstance(value.start, int) and isinstance(value.end, int)
-            if ints:
-                space[key] = (tune.lograndint if log else tune.randint)(value.start, value.end + 1)
+        elif isinstance(value, IntervalSweep):  # interval(a, b), possibly int(...) and tag(log, ...)
+            log, start, end = "log" in value.tags, value.start, value.end
+            assert start is not None and end is not None  # (the grammar's interval has both ends)
+            if isinstance(start, int) and isinstance(end, int):
+                space[key] = (tune.lograndint if log else tune.randint)(start, end + 1)
             else:
-                space[key] = (tune.loguniform if log else tune.uniform)(float(value.start), float(value.end))
+                space[key] = (tune.loguniform if log else tune.uniform)(float(start), float(end))
+        else:  # choice(...) or range(...)
+            space[key] = tune.choice(list(override.sweep_iterator()))
     return space
 
 
@@ -161,7 +152,8 @@ def tune_sweep(launcher: RayTrainLauncher, cfg: DictConfig) -> dict[str, Any]:
     grid = tuner.fit()
     # Ctrl-C ends fit() early; the state Tune saved then still shows the unfinished trials.
     saved = tune.ExperimentAnalysis(str(state)).trials
-    unfinished = {Path(t.path).name for t in saved if t.status not in ("TERMINATED", "ERROR")}
+    # (Ray declares a trial's path Optional; a saved trial has one)
+    unfinished = {Path(t.path).name for t in saved if t.status not in ("TERMINATED", "ERROR")}  # pyright: ignore[reportArgumentType]
     finished = not unfinished and len(saved) >= settings.num_samples
     trials = [
         _record(result, cfg.monitor.metric, list(settings.params), cfg.trainer, unfinished) for result in grid
@@ -206,7 +198,7 @@ def _run_trial(
 def _trial_base(cfg: DictConfig, group: str) -> dict[str, Any]:
     """The sweep's config as each trial starts from it: unresolved, so that paths follow the trial's run
     dir."""
-    base = OmegaConf.to_container(cfg, resolve=False)
+    base = plain_dict(cfg, resolve=False)
     base.pop("tune", None)
     base.update(mode="train", group=group, run_dir="???")
     return base

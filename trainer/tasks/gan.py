@@ -1,53 +1,130 @@
 """DCGAN training (Radford et al., 2016): one discriminator step, then one generator step, per batch.
 
 Read `training_step` top to bottom; everything else is bookkeeping: optimizers, a fixed-noise sample grid
-every epoch, and validation scores in a small pixel space: the Fréchet distance between real and generated
-images, which makes "best checkpoint" mean something, and the diversity of the samples, whose fall is mode
-collapse.
+every epoch, and validation scores. Each validation image gets one generated image from noise seeded by its
+index and counts once at any world size, so a seed's scores repeat, and do not depend on the world size
+beyond float rounding. The scores: FID and Inception Score through a small classifier of the training
+images (trainer/metrics/image_quality.py), beside the real validation images' own (the floor of the FID, the
+ceiling of the IS), which need data with classes; and in a small pixel space, the Fréchet distance and the
+diversity of the samples, whose fall is mode collapse.
 """
 
-import math
+import copy
+import logging
+from collections.abc import Mapping
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Dataset
 
+from trainer.config.ranges import FractionBelowOne, Positive, PositiveFloat
 from trainer.data.evaluation import gather_by_key
-from trainer.images import log_image_grid
+from trainer.distributed.fsdp import whole_parameters
+from trainer.errors import UserError
+from trainer.metrics.image_quality import (
+    ClassifierRecipe,
+    Embedding,
+    ImageQuality,
+    frechet_distance,
+    inception_score,
+    load_or_train_classifier,
+)
+from trainer.models.dcgan import Generator
+from trainer.reporting.image_grids import log_image_grid
 from trainer.tasks.base import GANReport, Task, ValidationReport
+
+log = logging.getLogger(__name__)
+
+# The scores that need a classifier of the data's classes.
+CLASSIFIER_METRICS = ("val/fid", "val/inception_score")
+
+
+class ValidationItem(NamedTuple):
+    """One validation image in pixel features, its generated counterpart's, and the classifier's view of that
+    counterpart (None for data without classes)."""
+
+    real_pixels: torch.Tensor
+    fake_pixels: torch.Tensor
+    fake_embedding: Embedding | None
 
 
 class DCGAN(Task):
+    validation_metrics: ClassVar[Mapping[str, str | None]] = {
+        "val/fid": "min",
+        "val/inception_score": "max",
+        "val/fid_real_floor": None,  # the real data's own figures: the scale, not a score
+        "val/inception_score_real_ceiling": None,
+        "val/pixel_fd": "min",
+        "val/sample_diversity": "max",
+    }
+
     def __init__(
         self,
-        generator: nn.Module,
+        generator: Generator,
         discriminator: nn.Module,
-        lr: float = 2e-4,
-        beta1: float = 0.5,
-        beta2: float = 0.999,
-        num_samples: int = 64,
+        lr: PositiveFloat = 2e-4,
+        beta1: FractionBelowOne = 0.5,
+        beta2: FractionBelowOne = 0.999,
+        num_samples: Positive = 64,
+        ema_decay: FractionBelowOne = 0.0,  # samples from an average of the generator's weights (0: none)
+        cache_dir: str = "~/.cache/trainer",  # where the classifier of the FID and IS is kept
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["generator", "discriminator"])
         self.automatic_optimization = False  # two optimizers, stepped in the GAN's own order
         self.generator = generator
         self.discriminator = discriminator
+        # Validation and sample grids draw from an exponential moving average of the generator's weights,
+        # which smooths the swings of adversarial training (Yazici et al., 2019); trained by no optimizer.
+        self.generator_ema = copy.deepcopy(generator).requires_grad_(False) if ema_decay else None
         self.latent_dim: int = generator.latent_dim
         # Fixed noise, part of the checkpoint, so sample grids are comparable across epochs and resumes.
         noise = torch.randn(num_samples, self.latent_dim, generator=torch.Generator().manual_seed(0))
         self.register_buffer("sample_noise", noise)
-        self._val_features: dict[
-            int, tuple[torch.Tensor, torch.Tensor]
-        ] = {}  # image -> (real, fake) features
+        self.quality: ImageQuality | None = None  # set up with the data; None for data without classes
+        self._val_items: dict[int, ValidationItem] = {}  # validation image index -> its item
+
+    def setup(self, stage: str) -> None:
+        data = self.trainer.datamodule  # pyright: ignore[reportAttributeAccessIssue]  # set by Lightning
+        if data is None or self.quality is not None:  # a divergence replay brings its one batch, no data
+            return
+        classes = getattr(data, "train_classes", None)
+        if classes is None or len(set(classes)) < 2:
+            self._without_classifier_metrics()
+            return
+        # Rank zero trains and caches the classifier first; the other ranks then read the same one.
+        if self.trainer.is_global_zero:
+            self.quality = quality_of(data.train_set, classes, data.val_set, self.hparams.cache_dir)
+        self.trainer.strategy.barrier("dcgan image quality")
+        if self.quality is None:
+            self.quality = quality_of(data.train_set, classes, data.val_set, self.hparams.cache_dir)
+
+    def _without_classifier_metrics(self) -> None:
+        monitors = [getattr(c, "monitor", None) for c in self.trainer.checkpoint_callbacks]
+        monitored = [m for m in monitors if m in CLASSIFIER_METRICS]
+        if monitored:
+            raise UserError(
+                f"monitor.metric={monitored[0]} needs the images' classes to train its classifier, and the "
+                "data has fewer than two (data=image_folder: one subfolder per class; data=hub: "
+                "data.label_key): give it classes, or set monitor.metric=val/pixel_fd"
+            )
+        log.info(
+            f"the data has fewer than two classes: no {' or '.join(CLASSIFIER_METRICS)}, which need them"
+        )
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        betas = (self.hparams.beta1, self.hparams.beta2)
-        opt_g = torch.optim.Adam(self.generator.parameters(), lr=self.hparams.lr, betas=betas)
-        opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=self.hparams.lr, betas=betas)
+        hp, fused = self.hparams, self.fused_optimizer
+        betas = (hp.beta1, hp.beta2)
+        opt_g = torch.optim.Adam(self.generator.parameters(), lr=hp.lr, betas=betas, fused=fused)
+        opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=hp.lr, betas=betas, fused=fused)
         return [opt_g, opt_d]
 
     def training_step(self, real: torch.Tensor, batch_idx: int) -> None:
-        opt_g, opt_d = self.optimizers()
+        optimizers = self.optimizers()
+        assert isinstance(optimizers, list)  # (two: configure_optimizers)
+        opt_g, opt_d = optimizers
         z = torch.randn(real.shape[0], self.latent_dim, device=self.device)
         fake = self.generator(z)
 
@@ -67,6 +144,8 @@ class DCGAN(Task):
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(loss_g)
         opt_g.step()
+        if self.generator_ema is not None:
+            self.update_generator_ema()
 
         # For the divergence guard (trainer/tasks/base.py), and the loggers on logging steps.
         self.report(
@@ -77,34 +156,59 @@ class DCGAN(Task):
             )
         )
 
-    # -- validation: Fréchet distance of 8x8 pixel features, with noise fixed per validation image ------
+    @torch.no_grad()
+    def update_generator_ema(self) -> None:
+        # Early on a shorter memory, so that the average forgets the random initial weights quickly.
+        updates = self.global_step // 2  # two optimizer steps per batch
+        decay = min(self.hparams.ema_decay, (1 + updates) / (10 + updates))
+        assert self.generator_ema is not None  # (called only with ema_decay > 0)
+        with whole_parameters(self.trainer, self.generator):
+            for average, current in zip(self.generator_ema.parameters(), self.generator.parameters()):
+                average.lerp_(current, 1 - decay)
+            for average, current in zip(self.generator_ema.buffers(), self.generator.buffers()):
+                average.copy_(current)  # BatchNorm's running statistics, as the generator has them now
+
+    @property
+    def sampler(self) -> nn.Module:
+        """The generator that validation and the sample grids draw from."""
+        return self.generator if self.generator_ema is None else self.generator_ema
+
+    # -- validation: generated images from noise fixed per validation image ------------------------------
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         index, real = batch
         noise = torch.stack(
             [torch.randn(self.latent_dim, generator=torch.Generator().manual_seed(i)) for i in index.tolist()]
         )
-        fake = self.generator(noise.to(self.device))
-        features = zip(index.tolist(), _pixel_features(real).cpu(), _pixel_features(fake).cpu())
-        self._val_features.update({i: (r, f) for i, r, f in features})
+        fake = self.sampler(noise.to(self.device)).float().cpu()
+        embedding = self.quality.embed(fake) if self.quality is not None else None
+        real_pixels, fake_pixels = _pixel_features(real).cpu(), _pixel_features(fake)
+        for row, i in enumerate(index.tolist()):
+            row_embedding = embedding[row] if embedding is not None else None
+            self._val_items[i] = ValidationItem(real_pixels[row], fake_pixels[row], row_embedding)
 
     def on_validation_epoch_end(self) -> None:
-        features = gather_by_key(self._val_features)  # every validation image once, whatever the world size
-        self._val_features = {}
-        real, fake = (torch.stack(part).double() for part in zip(*features.values()))
-        diversity = sample_diversity(real, fake)
-        self.log_dict(
-            {"val/pixel_fd": frechet_distance(real, fake).float(), "val/sample_diversity": diversity},
-            sync_dist=False,
+        by_index = gather_by_key(self._val_items)  # every validation image once, whatever the world size
+        self._val_items = {}
+        items = [by_index[i] for i in sorted(by_index)]  # one order at any world size: the same float sums
+        real, fake = (
+            torch.stack(part).double() for part in zip(*[(i.real_pixels, i.fake_pixels) for i in items])
         )
+        diversity = sample_diversity(real, fake)
+        metrics = {"val/pixel_fd": float(frechet_distance(real, fake)), "val/sample_diversity": diversity}
+        if self.quality is not None:
+            embeddings = [i.fake_embedding for i in items if i.fake_embedding is not None]
+            metrics |= classifier_scores(self.quality, Embedding.stack(embeddings))
+        self.log_dict(metrics, sync_dist=False)
         self.report_validation(ValidationReport(sample_diversity=diversity))
 
     def on_train_epoch_end(self) -> None:
-        was_training = self.generator.training
-        self.generator.eval()
+        sampler = self.sampler
+        was_training = sampler.training
+        sampler.eval()
         with torch.no_grad():
-            log_image_grid(self.trainer, "samples", self.generator(self.sample_noise))
-        self.generator.train(was_training)
+            log_image_grid(self.trainer, "samples", sampler(self.sample_noise))
+        sampler.train(was_training)
 
 
 def _pixel_features(images: torch.Tensor) -> torch.Tensor:
@@ -117,15 +221,24 @@ def sample_diversity(real: torch.Tensor, fake: torch.Tensor) -> float:
     return float(torch.cov(fake.T).trace() / torch.cov(real.T).trace())
 
 
-def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """||mu_x - mu_y||^2 + Tr(Sx + Sy - 2 (Sx Sy)^1/2) between Gaussians fitted to two feature sets (rows);
-    NaN when a feature is not finite (a diverged generator's samples), as the metric is undefined there."""
-    if not (x.isfinite().all() and y.isfinite().all()):
-        return torch.tensor(math.nan, dtype=x.dtype)
-    mu_x, mu_y = x.mean(0), y.mean(0)
-    cov_x, cov_y = torch.cov(x.T), torch.cov(y.T)
-    # Tr((Sx Sy)^1/2) = sum of sqrt of the eigenvalues of Sx^1/2 Sy Sx^1/2, which is symmetric PSD.
-    vals, vecs = torch.linalg.eigh(cov_x)
-    sqrt_x = vecs @ torch.diag(vals.clamp(min=0).sqrt()) @ vecs.T
-    cross = torch.linalg.eigvalsh(sqrt_x @ cov_y @ sqrt_x).clamp(min=0).sqrt().sum()
-    return (mu_x - mu_y).square().sum() + cov_x.trace() + cov_y.trace() - 2 * cross
+def quality_of(
+    train_set: Dataset, train_classes: list[int], val_set: Dataset, cache_dir: str
+) -> ImageQuality:
+    train_images = _stacked(train_set)
+    classifier = load_or_train_classifier(
+        cache_dir, train_images, torch.tensor(train_classes), ClassifierRecipe()
+    )
+    return ImageQuality(classifier, train_images, _stacked(val_set))
+
+
+def classifier_scores(quality: ImageQuality, samples: Embedding) -> dict[str, float]:
+    return {
+        "val/fid": quality.fid(samples),
+        "val/inception_score": inception_score(samples.log_probs),
+        "val/fid_real_floor": quality.fid_floor,
+        "val/inception_score_real_ceiling": quality.inception_score_ceiling,
+    }
+
+
+def _stacked(images: Dataset) -> torch.Tensor:
+    return torch.stack([images[i] for i in range(len(images))])  # type: ignore[arg-type]

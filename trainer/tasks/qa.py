@@ -6,31 +6,49 @@ all windows of a question into one answer text (trainer/metrics/squad.py) and re
 and F1, with a table of answered questions in W&B.
 """
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import lightning as L
 import numpy as np
 import torch
 from torch import nn
 
+from trainer.config.ranges import (
+    FiniteFloat,
+    Fraction,
+    NonNegative,
+    NonNegativeFloat,
+    Positive,
+    PositiveFloat,
+)
 from trainer.data.evaluation import gather_by_key
 from trainer.data.squad import Example, ValidationSet
-from trainer.loggers import log_step, wandb_loggers
+from trainer.lightning_internals import log_step
 from trainer.metrics.squad import predict_answers, score, squad_metrics
+from trainer.reporting.loggers import wandb_loggers
 from trainer.tasks.base import StepReport, Task, stepwise
 
 
 class ExtractiveQA(Task):
+    # (the last two with unanswerable questions among the validation set: squad_metrics)
+    validation_metrics: ClassVar[Mapping[str, str | None]] = {
+        "val/exact": "max",
+        "val/f1": "max",
+        "val/f1_has_answer": "max",
+        "val/f1_no_answer": "max",
+    }
+
     def __init__(
         self,
         encoder: nn.Module,
-        lr: float = 5e-5,
-        weight_decay: float = 0.01,
-        warmup_ratio: float = 0.1,
-        n_best: int = 20,
-        max_answer_length: int = 30,
-        null_threshold: float = 0.0,
-        table_rows: int = 20,
+        lr: PositiveFloat = 5e-5,
+        weight_decay: NonNegativeFloat = 0.01,
+        warmup_ratio: Fraction = 0.1,
+        n_best: Positive = 20,
+        max_answer_length: Positive = 30,
+        null_threshold: FiniteFloat = 0.0,  # a difference of two logits: either sign
+        table_rows: NonNegative = 20,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["encoder"])
@@ -54,7 +72,7 @@ class ExtractiveQA(Task):
             lr=self.hparams.lr,
             fused=self.fused_optimizer,
         )
-        total = self.trainer.estimated_stepping_batches
+        total = self.planned_steps()
         schedule = get_linear_schedule_with_warmup(optimizer, int(self.hparams.warmup_ratio * total), total)
         return stepwise(optimizer, schedule)
 
@@ -80,7 +98,7 @@ class ExtractiveQA(Task):
             return
         logits = gather_by_key(self._val_logits)  # every window once, whatever the world size
         self._val_logits = {}
-        val: ValidationSet = self.trainer.datamodule.val_set
+        val: ValidationSet = self.trainer.datamodule.val_set  # pyright: ignore[reportAttributeAccessIssue]  # set by Lightning
         hp = self.hparams
         predictions = predict_answers(
             val.examples,
