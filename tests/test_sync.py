@@ -97,6 +97,10 @@ def test_bad_sync_settings_fail_in_one_line(tmp_path: Path, home: Path):
         (["distributed.sync=diloco"], "distributed.sync=diloco averages data-parallel workers: use trainer="),
         (["distributed.sync=local_sgd", "distributed.sync_every=0"], "distributed.sync_every=0"),
         (["data.partition=by_digit"], "data.partition='by_digit' has the wrong type: expected one of 'iid'"),
+        (  # one setting, one place: the strategy takes it from the distributed node
+            ["trainer=ddp_cpu", "+trainer.strategy.sync=local_sgd"],
+            "trainer.strategy.sync is a distributed setting: set distributed.sync instead",
+        ),
     ):
         with pytest.raises(UserError, match=re.escape(fragment)):
             train(compose_config(*TINY_DCGAN, "logger=none", *args, run_dir=tmp_path / "run"))

@@ -29,7 +29,8 @@ from trainer.checkpoint import SafeCheckpointIO, resume_checkpoint
 from trainer.config.build import build
 from trainer.config.plain import plain_dict
 from trainer.data.loading import LoaderPosition
-from trainer.distributed.sync import worker_sync
+from trainer.distributed.settings import DistributedSettings
+from trainer.distributed.strategies import build_strategy, configured_strategy, read_distributed, worker_sync
 from trainer.divergence.guard import divergence_callbacks, divergence_verdict
 from trainer.divergence.lr_find import LRRangeTest, lr_find_config
 from trainer.errors import DivergedRun, DivergenceHalt, Preempted, UserError
@@ -44,15 +45,16 @@ log = logging.getLogger(__name__)
 def train(
     cfg: DictConfig,
     *,
-    strategy: Strategy | None = None,
+    strategy: type[Strategy] | None = None,
     plugins: Sequence[Any] = (),
     ckpt_path: str | None = None,
     prepare: Callable[[L.Trainer], L.Trainer] | None = None,
 ) -> dict[str, Any]:
     """Fits the configured task; returns the content of <run dir>/metrics.json.
 
-    Launchers pass what their cluster needs: a `strategy` and environment `plugins` that replace the
-    config's, a `ckpt_path` that wins over the run dir's own last checkpoint, and a `prepare` step."""
+    Launchers pass what their cluster needs: a `strategy` class (built with the run's `distributed`
+    settings) and environment `plugins` that replace the config's, a `ckpt_path` that wins over the run
+    dir's own last checkpoint, and a `prepare` step."""
     started = time.monotonic()
     run_dir = Path(cfg.run_dir)
     setup_logging(run_dir, verbose=bool(cfg.get("verbose")), rank=rank_zero_only.rank)
@@ -142,7 +144,10 @@ def build_task(cfg: DictConfig) -> tuple[L.LightningDataModule | None, L.Lightni
 
 
 def build_trainer(
-    cfg: DictConfig, module: L.LightningModule, strategy: Strategy | None = None, plugins: Sequence[Any] = ()
+    cfg: DictConfig,
+    module: L.LightningModule,
+    strategy: type[Strategy] | None = None,
+    plugins: Sequence[Any] = (),
 ) -> tuple[L.Trainer, MetricsFile]:
     """Lightning's Trainer with the configured callbacks and loggers, plus what every run needs: metrics.json,
     RNG state in checkpoints, the best checkpoint of `monitor.metric`, and safe checkpoint files."""
@@ -155,24 +160,32 @@ def build_trainer(
     loggers = [
         build(node, f"logger.{name}") for name, node in (cfg.logger or {}).items() if _is_buildable(node)
     ]
+    distributed = read_distributed(cfg.distributed)
+    built = (
+        build_strategy(strategy, distributed)
+        if strategy is not None
+        else configured_strategy(cfg.trainer.get("strategy"), distributed)
+    )
     if not plugins and SLURMEnvironment.detect():
         plugins = [SLURMEnvironment(auto_requeue=False)]  # requeueing is the Preemption callback's job
     pl_trainer = build(
         cfg.trainer,
         "trainer",
         default_root_dir=str(run_dir),
-        callbacks=run_callbacks(cfg, metrics_file),
+        callbacks=run_callbacks(cfg, metrics_file, distributed),
         logger=loggers or False,
         plugins=[
             SafeCheckpointIO(expected_shapes={k: v.shape for k, v in module.state_dict().items()}),
             *plugins,
         ],
-        **({"strategy": strategy} if strategy is not None else {}),
+        **({"strategy": built} if built is not None else {}),
     )
     return pl_trainer, metrics_file
 
 
-def run_callbacks(cfg: DictConfig, metrics_file: MetricsFile) -> list[L.Callback]:
+def run_callbacks(
+    cfg: DictConfig, metrics_file: MetricsFile, distributed: DistributedSettings
+) -> list[L.Callback]:
     """Every callback of a run, in the order Lightning calls each hook on them, and why:
 
     1. the workers' sync (local SGD, DiLoCo): the guard's snapshots, and a checkpoint of a sync step, must
@@ -199,7 +212,7 @@ def run_callbacks(cfg: DictConfig, metrics_file: MetricsFile) -> list[L.Callback
     lr_find = [LRRangeTest(**plain_dict(cfg.lr_find))] if cfg.mode == "lr_find" else []
     progress = [ProgressBar()] if cfg.trainer.get("enable_progress_bar", True) else []
     return [
-        worker_sync(cfg.distributed),
+        worker_sync(distributed),
         *divergence_callbacks(plain_dict(cfg.divergence)),
         *best,
         *configured,

@@ -29,14 +29,10 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
-from omegaconf import DictConfig
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from trainer.config.build import build_settings
-from trainer.config.plain import plain_dict
 from trainer.config.ranges import SyncMode
-from trainer.distributed.settings import DistributedSettings
 from trainer.errors import UserError
 from trainer.lightning_internals import is_logging_step
 
@@ -353,13 +349,6 @@ class WorkerSync(L.Callback):
             pl_module.load_state_dict(own["state_dict"])
             if own["optimizer_states"] is not None:
                 checkpoint["optimizer_states"] = own["optimizer_states"]
-
-
-def worker_sync(node: DictConfig) -> WorkerSync:
-    """The `distributed` config node's sync settings (conf/config.yaml) as the callback."""
-    settings = build_settings(DistributedSettings, plain_dict(node), "distributed")
-    outer = settings.outer
-    return WorkerSync(settings.sync, settings.sync_every, outer.lr, outer.momentum, outer.nesterov)
 
 
 def local_sync(trainer: L.Trainer) -> WorkerSync | None:

@@ -40,7 +40,7 @@ from trainer.callbacks.metrics import MetricsFile
 from trainer.config.plain import plain_dict
 from trainer.config.ranges import Interval, NonNegativeFloat, Positive, PositiveFloat
 from trainer.config.resume import refuse_changed_config
-from trainer.distributed.sync import worker_sync
+from trainer.distributed.strategies import read_distributed
 from trainer.errors import DivergenceHalt, UserError
 from trainer.files import write_json_atomic
 from trainer.reporting.console import adopt_library_loggers
@@ -81,10 +81,10 @@ class RayLauncher:
 
     def launch(self, cfg: DictConfig) -> dict[str, Any]:
         """Trains with Ray Train; with `mode=tune`, runs a Ray Tune sweep whose trials train that way."""
-        worker_sync(cfg.distributed)  # its settings' errors here, once, rather than in every worker
-        if self.strategy == "fsdp" and cfg.distributed.sync != "allreduce":
+        sync = read_distributed(cfg.distributed).sync  # said once here, rather than in every worker
+        if self.strategy == "fsdp" and sync != "allreduce":
             raise UserError(
-                f"distributed.sync={cfg.distributed.sync} averages whole replicas; FSDP shards them: "
+                f"distributed.sync={sync} averages whole replicas; FSDP shards them: "
                 "use launcher.strategy=ddp"
             )
         self.connect()
@@ -304,20 +304,14 @@ def _worker_main(config: dict[str, Any]) -> None:
     if OmegaConf.select(cfg, "callbacks.last_checkpoint") is not None:
         cfg.callbacks.last_checkpoint._target_ = f"{__name__}.ReportingLastCheckpoint"
     cfg.trainer.devices, cfg.trainer.num_nodes = "auto", 1  # Ray gives each worker its own device(s)
-    if config["strategy"] == "fsdp":
 
-        class RayShardedStrategy(FSDPStrategy, RayFSDPStrategy):
-            """trainer=fsdp's strategy on the device Ray gave this worker."""
+    class RayShardedStrategy(FSDPStrategy, RayFSDPStrategy):
+        """trainer=fsdp's strategy on the device Ray gave this worker."""
 
-        strategy = RayShardedStrategy(**cfg.distributed.fsdp)
-    else:
+    class RayDataParallel(DataParallelStrategy, RayDDPStrategy):
+        """trainer=ddp's strategy (and its distributed.sync) on the device Ray gave this worker."""
 
-        class RayDataParallel(DataParallelStrategy, RayDDPStrategy):
-            """trainer=ddp's strategy (and its distributed.sync) on the device Ray gave this worker."""
-
-        strategy = RayDataParallel(
-            sync=cfg.distributed.sync, find_unused_parameters=cfg.distributed.find_unused_parameters
-        )
+    strategy = RayShardedStrategy if config["strategy"] == "fsdp" else RayDataParallel
 
     checkpoint = ray.train.get_checkpoint()  # set when Ray restarts the workers after a failure
     with checkpoint.as_directory() if checkpoint else nullcontext() as restored:
