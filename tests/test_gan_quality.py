@@ -2,10 +2,12 @@
 data's own figures, the reference FID implementation, the cached classifier, and the scores of a run."""
 
 import json
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import TINY_DCGAN, compose_config, run_cli
 from torchmetrics.image.fid import FrechetInceptionDistance
 
@@ -14,6 +16,7 @@ from trainer.errors import UserError
 from trainer.metrics import image_quality
 from trainer.metrics.image_quality import ClassifierRecipe, ImageQuality, inception_score
 from trainer.models.dcgan import Discriminator, Generator
+from trainer.tasks.base import GANReport
 from trainer.tasks.gan import CLASSIFIER_METRICS, DCGAN, quality_of
 
 SIZE = 16  # the tiny runs' image size: the classifier trains in a second or two
@@ -219,3 +222,68 @@ def test_a_tiny_run_reports_fid_and_inception_score(tmp_path: Path) -> None:
     for name in ("val/inception_score ", "val/fid_real_floor ", "val/inception_score_real_ceiling "):
         assert name in summary
     assert list((run_dir / "checkpoints").glob("best-*.ckpt"))
+
+
+class ConstantLogit(torch.nn.Module):
+    """A discriminator that says the same logit of every image, to read the loss's targets from."""
+
+    def __init__(self, logit: float):
+        super().__init__()
+        self.logit = torch.nn.Parameter(torch.tensor(logit))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.logit.expand(images.shape[0])
+
+
+def one_training_step(task: DCGAN) -> tuple[list[str], list[GANReport]]:
+    """The task's training step on a batch of black images, without a trainer: which optimizers stepped, in
+    order, and what it reported."""
+    opt_g, opt_d = task.configure_optimizers()
+    steps, reports = [], []
+    for name, optimizer in (("g", opt_g), ("d", opt_d)):
+        optimizer.step = partial(
+            lambda name, step, *a, **k: steps.append(name) or step(*a, **k), name, optimizer.step
+        )
+    task.optimizers = lambda: [opt_g, opt_d]
+    task.manual_backward = lambda loss: loss.backward()
+    task.report = reports.append
+    task.training_step(torch.full((4, 1, SIZE, SIZE), -1.0), 0)
+    return steps, reports
+
+
+def test_the_discriminator_has_its_own_learning_rate() -> None:
+    """TTUR: lr_d; the losses' targets stay 1 for real images and 0 for generated ones."""
+    logit = 5.0
+    task = DCGAN(Generator(100, SIZE, 1, 8), ConstantLogit(logit), lr=2e-4, lr_d=1e-4)
+    opt_g, opt_d = task.configure_optimizers()
+    assert [opt_g.param_groups[0]["lr"], opt_d.param_groups[0]["lr"]] == [2e-4, 1e-4]
+    _, (report,) = one_training_step(task)
+    softplus = float(F.softplus(torch.tensor(logit)))
+    real_loss, fake_loss = softplus - logit, softplus  # BCE with logits at targets 1 and 0
+    assert report.losses["loss_d"].item() == pytest.approx(real_loss + fake_loss, rel=1e-6)
+
+
+def test_the_generator_takes_generator_steps_per_batch() -> None:
+    task = DCGAN(Generator(100, SIZE, 1, 8), Discriminator(SIZE, 1, 8), generator_steps=3)
+    steps, _ = one_training_step(task)
+    assert steps == ["d", "g", "g", "g"]
+    steps, _ = one_training_step(DCGAN(Generator(100, SIZE, 1, 8), Discriminator(SIZE, 1, 8)))
+    assert steps == ["d", "g"]
+
+
+def test_the_averaged_generator_normalizes_by_its_own_statistics() -> None:
+    """Its BatchNorm statistics are measured on its own activations, not the live generator's, whose
+    weights differ (here three times larger: nine times the variance)."""
+    task = DCGAN(Generator(100, SIZE, 1, 8), Discriminator(SIZE, 1, 8), ema_decay=0.9)
+    ema = task.generator_ema
+    assert ema is not None
+    with torch.no_grad():
+        for weight in ema.parameters():
+            weight.mul_(3)
+        task.fit_ema_batchnorm()
+        z = torch.randn(1024, 100, 1, 1, generator=torch.Generator().manual_seed(1))
+        activations = ema.net[0](z).transpose(0, 1).flatten(1)  # the first BatchNorm's input, per channel
+    first_norm = ema.net[1]
+    assert torch.allclose(first_norm.running_var, activations.var(1), rtol=0.25)
+    assert torch.allclose(first_norm.running_mean, activations.mean(1), atol=0.1 * activations.std())
+    assert ema.training is task.generator.training  # left as it was

@@ -1,4 +1,5 @@
-"""DCGAN training (Radford et al., 2016): one discriminator step, then one generator step, per batch.
+"""DCGAN training (Radford et al., 2016): one discriminator step, then `generator_steps` generator steps (one
+by default), per batch.
 
 Read `training_step` top to bottom; everything else is bookkeeping: optimizers, a fixed-noise sample grid
 every epoch, and validation scores. Each validation image gets one generated image from noise seeded by its
@@ -65,6 +66,8 @@ class DCGAN(Task):
         generator: Generator,
         discriminator: nn.Module,
         lr: PositiveFloat = 2e-4,
+        lr_d: PositiveFloat | None = None,  # the discriminator's (None: lr); unequal: TTUR (Heusel et al.)
+        generator_steps: Positive = 1,  # generator updates per batch, after the discriminator's one
         beta1: FractionBelowOne = 0.5,
         beta2: FractionBelowOne = 0.999,
         num_samples: Positive = 64,
@@ -118,7 +121,8 @@ class DCGAN(Task):
         hp, fused = self.hparams, self.fused_optimizer
         betas = (hp.beta1, hp.beta2)
         opt_g = torch.optim.Adam(self.generator.parameters(), lr=hp.lr, betas=betas, fused=fused)
-        opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=hp.lr, betas=betas, fused=fused)
+        lr_d = hp.lr if hp.lr_d is None else hp.lr_d
+        opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=lr_d, betas=betas, fused=fused)
         return [opt_g, opt_d]
 
     def training_step(self, real: torch.Tensor, batch_idx: int) -> None:
@@ -139,11 +143,15 @@ class DCGAN(Task):
         opt_d.step()
 
         # 2. Generator, non-saturating loss: maximise log D(G(z)) rather than minimise log(1 - D(G(z))).
-        d_fake_for_g = self.discriminator(fake)
-        loss_g = F.binary_cross_entropy_with_logits(d_fake_for_g, torch.ones_like(d_fake_for_g))
-        opt_g.zero_grad(set_to_none=True)
-        self.manual_backward(loss_g)
-        opt_g.step()
+        # `generator_steps` updates, each after the first on fresh noise, keep up with a fast discriminator.
+        for step in range(self.hparams.generator_steps):
+            if step:
+                fake = self.generator(torch.randn_like(z))
+            d_fake_for_g = self.discriminator(fake)
+            loss_g = F.binary_cross_entropy_with_logits(d_fake_for_g, torch.ones_like(d_fake_for_g))
+            opt_g.zero_grad(set_to_none=True)
+            self.manual_backward(loss_g)
+            opt_g.step()
         if self.generator_ema is not None:
             self.update_generator_ema()
 
@@ -159,14 +167,33 @@ class DCGAN(Task):
     @torch.no_grad()
     def update_generator_ema(self) -> None:
         # Early on a shorter memory, so that the average forgets the random initial weights quickly.
-        updates = self.global_step // 2  # two optimizer steps per batch
+        updates = self.global_step // (1 + self.hparams.generator_steps)  # the optimizer steps of a batch
         decay = min(self.hparams.ema_decay, (1 + updates) / (10 + updates))
         assert self.generator_ema is not None  # (called only with ema_decay > 0)
         with whole_parameters(self.trainer, self.generator):
             for average, current in zip(self.generator_ema.parameters(), self.generator.parameters()):
                 average.lerp_(current, 1 - decay)
-            for average, current in zip(self.generator_ema.buffers(), self.generator.buffers()):
-                average.copy_(current)  # BatchNorm's running statistics, as the generator has them now
+
+    @torch.no_grad()
+    def fit_ema_batchnorm(self, batches: int = 8, batch_size: int = 64) -> None:
+        """Measures the averaged generator's BatchNorm statistics on its own activations, from noise fixed
+        by seed (the same on every rank): the live generator's statistics do not fit the averaged weights, and
+        while the two differ they ruin its samples (precise BatchNorm, Wu & Johnson, 2021)."""
+        if self.generator_ema is None:
+            return
+        norms = [m for m in self.generator_ema.modules() if isinstance(m, nn.BatchNorm2d)]
+        momenta = [m.momentum for m in norms]
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None  # a plain average over the batches below
+        was_training = self.generator_ema.training
+        self.generator_ema.train()
+        noise = torch.Generator().manual_seed(0)
+        for _ in range(batches):
+            self.generator_ema(torch.randn(batch_size, self.latent_dim, generator=noise).to(self.device))
+        self.generator_ema.train(was_training)
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
 
     @property
     def sampler(self) -> nn.Module:
@@ -174,6 +201,9 @@ class DCGAN(Task):
         return self.generator if self.generator_ema is None else self.generator_ema
 
     # -- validation: generated images from noise fixed per validation image ------------------------------
+
+    def on_validation_epoch_start(self) -> None:
+        self.fit_ema_batchnorm()
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         index, real = batch
@@ -203,6 +233,7 @@ class DCGAN(Task):
         self.report_validation(ValidationReport(sample_diversity=diversity))
 
     def on_train_epoch_end(self) -> None:
+        self.fit_ema_batchnorm()
         sampler = self.sampler
         was_training = sampler.training
         sampler.eval()
