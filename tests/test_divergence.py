@@ -23,6 +23,7 @@ from trainer.divergence.collapse import CollapseWatch
 from trainer.divergence.detectors import LevelDetector, MetricLevel, SeriesWatch, SpikeDetector
 from trainer.divergence.lr_find import suggest
 from trainer.divergence.replay import replay
+from trainer.divergence.settings import CollapseSettings
 from trainer.errors import UserError
 from trainer.lightning_internals import log_step
 from trainer.run import build_task, build_trainer, train
@@ -345,7 +346,7 @@ def test_a_lasting_change_of_level_stops_alarming_after_patience() -> None:
 
 
 def test_collapse_needs_the_discriminator_to_win_most_of_an_epoch() -> None:
-    watch, report = CollapseWatch(d_wins_share=0.5), GANReport(losses={})
+    watch, report = CollapseWatch(CollapseSettings(d_wins_share=0.5)), GANReport(losses={})
     wins, even = {"D_x": 0.999, "D_G_z": 0.001}, {"D_x": 0.6, "D_G_z": 0.4}
     for step in range(10):  # epoch 0: won 5 of 10 steps, not more than half
         assert watch.step(report, wins if step % 2 else even, epoch=0) is None
@@ -387,7 +388,7 @@ def test_the_monitored_metric_alarms_when_it_stays_far_below_its_best() -> None:
 
 
 def test_policy_and_value_collapse_read_their_bounds_from_the_report() -> None:
-    watch = CollapseWatch(rl_steps=2)
+    watch = CollapseWatch(CollapseSettings(rl_steps=2))
     policy = PolicyReport(losses={}, max_entropy=math.log(2))
     assert watch.step(policy, {"entropy": 0.5}, 0) is None
     assert [watch.step(policy, {"entropy": 0.05}, 0) for _ in range(2)][-1][0] == "entropy"  # 7% of log 2
@@ -414,7 +415,7 @@ class ActorCriticReport(StepReport):
 
 
 def test_a_report_type_names_the_collapse_checks_that_apply_to_it() -> None:
-    watch = CollapseWatch(rl_steps=1)
+    watch = CollapseWatch(CollapseSettings(rl_steps=1))
     report = ActorCriticReport(losses={}, max_entropy=math.log(2), max_return=10.0)
     assert watch.step(report, {"entropy": 0.6, "q_values": 30.0}, 0)[0] == "q_values"
     assert watch.step(report, {"entropy": 0.01, "q_values": 1.0}, 0)[0] == "entropy"

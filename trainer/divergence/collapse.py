@@ -18,6 +18,7 @@ and, at validation, the samples' diversity falls (`DiversityDrop`): mode collaps
 import math
 from typing import Any
 
+from trainer.divergence.settings import CollapseSettings
 from trainer.tasks.base import PolicyReport, StepReport, ValueReport
 
 Found = tuple[str, str] | None  # (series, reason) of a collapse
@@ -163,28 +164,18 @@ class CollapseWatch:
     """The collapse checks, each asked by the reports that name it (`StepReport.collapse_checks`), and the
     samples' diversity at validation."""
 
-    def __init__(
-        self,
-        d_wins_share: float = 0.5,
-        d_x_above: float = 0.99,
-        d_g_z_below: float = 0.005,
-        entropy_fraction: float = 0.2,
-        value_multiple: float = 2.0,
-        rl_steps: int = 5,
-        max_policy_kl: float = 0.2,
-        diversity_fraction: float = 0.5,
-        diversity_reached: float = 0.3,
-    ):
-        self.d_wins = DiscriminatorWins(d_wins_share, d_x_above, d_g_z_below)
-        self.entropy = PolicyEntropy(entropy_fraction, rl_steps)
-        self.q_values = ValueBlowup(value_multiple, rl_steps)
+    def __init__(self, settings: CollapseSettings | None = None):
+        settings = settings or CollapseSettings()
+        self.d_wins = DiscriminatorWins(settings.d_wins_share, settings.d_x_above, settings.d_g_z_below)
+        self.entropy = PolicyEntropy(settings.entropy_fraction, settings.rl_steps)
+        self.q_values = ValueBlowup(settings.value_multiple, settings.rl_steps)
         self.checks: dict[str, CollapseCheck] = {
             "discriminator_wins": self.d_wins,
             "policy_entropy": self.entropy,
-            "policy_kl": PolicyJump(max_policy_kl),
+            "policy_kl": PolicyJump(settings.max_policy_kl),
             "q_values": self.q_values,
         }
-        self.diversity = DiversityDrop(diversity_fraction, diversity_reached)
+        self.diversity = DiversityDrop(settings.diversity_fraction, settings.diversity_reached)
 
     def step(self, report: StepReport, readings: dict[str, float], epoch: int) -> Found:
         """(series, reason) when the step completes a collapse, else None."""

@@ -30,7 +30,7 @@ class Detection:
         try:
             self.watch = SeriesWatch(asdict(settings.spike), asdict(settings.level), asdict(settings.blowup))
             self.metric = MetricLevel(**_without(asdict(settings.metric), "action"))
-            self.collapse = CollapseWatch(**_without(asdict(settings.collapse), "action", "enabled"))
+            self.collapse = CollapseWatch(settings.collapse)
         except (TypeError, ValueError) as e:
             raise UserError(f"divergence: {e}") from None
         self.standing: dict[str, str] = {}  # the rules that judge the run and hold now, and why

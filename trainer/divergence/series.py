@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trainer.config.build import build_settings
 from trainer.divergence.collapse import CollapseWatch
 from trainer.divergence.detectors import MetricLevel, SeriesWatch
+from trainer.divergence.settings import CollapseSettings
 from trainer.tasks import base
 
 REPORTS = {
@@ -79,12 +81,8 @@ def detect(record: Record, settings: dict[str, Any]) -> list[tuple[int, str, str
     the guard meets them: each optimizer step's gradient norm, then the step's report, its validation, the
     end of its epoch. (The guard live compares gradient norms with the limits of a batch before.)"""
     watch = SeriesWatch(settings.get("spike"), settings.get("level"), settings.get("blowup"))
-    collapse_settings = {
-        k: v for k, v in (settings.get("collapse") or {}).items() if k not in ("action", "enabled")
-    }
-    collapse = (
-        CollapseWatch(**collapse_settings) if (settings.get("collapse") or {}).get("enabled", True) else None
-    )
+    collapse_settings = build_settings(CollapseSettings, settings.get("collapse"), "divergence.collapse")
+    collapse = CollapseWatch(collapse_settings) if collapse_settings.enabled else None
     metric = MetricLevel(**{k: v for k, v in (settings.get("metric") or {}).items() if k != "action"})
     validations = dict(record.validations)
     alarms = []
