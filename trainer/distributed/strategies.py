@@ -25,18 +25,19 @@ def read_distributed(node: DictConfig | None) -> DistributedSettings:
     return build_settings(DistributedSettings, plain_dict(node) if node is not None else None, "distributed")
 
 
-def strategy_arguments(strategy: type, settings: DistributedSettings) -> dict[str, Any]:
-    """What a strategy class takes of the distributed settings, by the name of its `distributed` key."""
+def strategy_arguments(strategy: type, settings: DistributedSettings) -> tuple[str, dict[str, Any]]:
+    """What a strategy class takes of the distributed settings, and the node they come from."""
     if issubclass(strategy, FSDPStrategy):
-        return {f"fsdp.{key}": value for key, value in asdict(settings.fsdp).items()}
+        return "distributed.fsdp", asdict(settings.fsdp)
     if issubclass(strategy, DataParallelStrategy):
-        return {"sync": settings.sync, "find_unused_parameters": settings.find_unused_parameters}
-    return {}
+        parallel = {"sync": settings.sync, "find_unused_parameters": settings.find_unused_parameters}
+        return "distributed", parallel
+    return "distributed", {}
 
 
 def build_strategy(strategy: type[Strategy], settings: DistributedSettings, **kwargs: Any) -> Strategy:
     """A strategy class (a launcher's own, e.g. Ray's) built with the distributed settings."""
-    return strategy(**kwargs, **_by_parameter(strategy_arguments(strategy, settings)))
+    return strategy(**kwargs, **strategy_arguments(strategy, settings)[1])
 
 
 def configured_strategy(node: Any, settings: DistributedSettings) -> Strategy | None:
@@ -44,24 +45,13 @@ def configured_strategy(node: Any, settings: DistributedSettings) -> Strategy | 
     None for a name such as "auto" or "ddp", which Lightning builds itself."""
     if not (isinstance(node, DictConfig) and "_target_" in node):
         return None
-    arguments = strategy_arguments(import_target(str(node._target_), "trainer.strategy"), settings)
-    for key in arguments:
-        if _parameter(key) in node:  # two places for one setting: say which one counts
-            raise UserError(
-                f"trainer.strategy.{_parameter(key)} is a distributed setting: set distributed.{key} instead"
-            )
-    return build(node, "trainer.strategy", **_by_parameter(arguments))
+    where, arguments = strategy_arguments(import_target(str(node._target_), "trainer.strategy"), settings)
+    for key in arguments.keys() & node.keys():  # two places for one setting: say which one counts
+        raise UserError(f"trainer.strategy.{key} is a distributed setting: set {where}.{key} instead")
+    return build(node, "trainer.strategy", **arguments)
 
 
 def worker_sync(settings: DistributedSettings) -> WorkerSync:
     """The callback that keeps `local_sgd` and `diloco` workers in step (and counts bytes in every mode)."""
     outer = settings.outer
     return WorkerSync(settings.sync, settings.sync_every, outer.lr, outer.momentum, outer.nesterov)
-
-
-def _parameter(key: str) -> str:
-    return key.rpartition(".")[2]
-
-
-def _by_parameter(arguments: dict[str, Any]) -> dict[str, Any]:
-    return {_parameter(key): value for key, value in arguments.items()}
