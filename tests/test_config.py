@@ -71,7 +71,8 @@ def test_gpu_preset_turns_on_the_fast_paths(tmp_path: Path) -> None:
     assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
     assert cfg.perf.channels_last and cfg.data.pin_memory and cfg.data.num_workers > 0
     assert not cfg.perf.compile  # measured no faster on a GPU (conf/trainer/gpu.yaml): the user's switch
-    assert cfg.trainer.max_epochs == 25  # the exp still wins over the preset's defaults
+    exp = OmegaConf.load(REPO / "conf/exp/dcgan.yaml")
+    assert cfg.trainer.max_epochs == exp.trainer.max_epochs  # the exp still wins over the preset's defaults
     cpu = compose_config("+exp=dcgan", run_dir=tmp_path)
     assert not (cpu.perf.compile or cpu.perf.channels_last or cpu.data.pin_memory)
 

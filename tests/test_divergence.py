@@ -12,7 +12,16 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, TINY_DCGAN, TINY_QA, compose_config, divergence_events, run_cli, run_replay
+from helpers import (
+    PAPER_DCGAN,
+    REPO,
+    TINY_DCGAN,
+    TINY_QA,
+    compose_config,
+    divergence_events,
+    run_cli,
+    run_replay,
+)
 from omegaconf import open_dict
 from wandb_offline import find_runs, read_run
 
@@ -29,7 +38,8 @@ from trainer.lightning_internals import log_step
 from trainer.run import build_task, build_trainer, train
 from trainer.tasks.base import GANReport, PolicyReport, StepReport, Task, ValueReport, step_report
 
-FAST = [*TINY_DCGAN, "logger=none", "++trainer.max_epochs=1", "++trainer.limit_train_batches=8"]
+# The paper's DCGAN: the drills' spikes were sized on it (spectral norm bounds how far a spike moves D).
+FAST = [*TINY_DCGAN, *PAPER_DCGAN, "logger=none", "++trainer.max_epochs=1", "++trainer.limit_train_batches=8"]
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from trainer.metrics import image_quality
 from trainer.metrics.image_quality import ClassifierRecipe, ImageQuality, inception_score
 from trainer.models.dcgan import Discriminator, Generator
 from trainer.tasks.base import GANReport
-from trainer.tasks.gan import CLASSIFIER_METRICS, DCGAN, quality_of
+from trainer.tasks.gan import CLASSIFIER_METRICS, DCGAN, averaging_decay, quality_of
 
 SIZE = 16  # the tiny runs' image size: the classifier trains in a second or two
 QUICK = ClassifierRecipe(epochs=1)  # for the tests of caching, where accuracy does not matter
@@ -287,3 +287,42 @@ def test_the_averaged_generator_normalizes_by_its_own_statistics() -> None:
     assert torch.allclose(first_norm.running_var, activations.var(1), rtol=0.25)
     assert torch.allclose(first_norm.running_mean, activations.mean(1), atol=0.1 * activations.std())
     assert ema.training is task.generator.training  # left as it was
+
+
+@pytest.mark.parametrize("logit", [-2.5, 0.5, 3.0])
+def test_the_hinge_loss_pulls_logits_to_their_margins_only(logit: float) -> None:
+    """D: max(0, 1 - D(x)) + max(0, 1 + D(G(z))), nothing beyond the margins; G: -D(G(z)), a signed number
+    that the guard reads as a signal, not a loss whose spikes it watches."""
+    task = DCGAN(Generator(100, SIZE, 1, 8), ConstantLogit(logit), loss="hinge")
+    _, (report,) = one_training_step(task)
+    assert report.losses["loss_d"].item() == pytest.approx(max(0, 1 - logit) + max(0, 1 + logit))
+    assert list(report.losses) == ["loss_d"]
+    assert report.signals["loss_g"].item() == pytest.approx(-logit, abs=1e-3)  # after D's one step of 2e-4
+
+
+def test_a_spectrally_normalised_discriminator_has_convolutions_of_gain_one() -> None:
+    """Each convolution's weight, as a matrix, ends with largest singular value 1 (the power iteration runs
+    once per forward pass in training), and no BatchNorm is left."""
+    discriminator = Discriminator(SIZE, 1, 8, norm="spectral")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in discriminator.modules())
+    convolutions = [m for m in discriminator.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        for _ in range(30):
+            discriminator(torch.randn(4, 1, SIZE, SIZE))
+        gains = [torch.linalg.matrix_norm(c.weight.flatten(1), ord=2).item() for c in convolutions]
+    assert gains == pytest.approx([1.0] * len(convolutions), abs=0.02)
+    plain = Discriminator(SIZE, 1, 8).net[0]  # DCGAN's N(0, 0.02) initial weights, unnormalised
+    assert torch.linalg.matrix_norm(plain.weight.flatten(1), ord=2).item() < 0.5
+
+
+def test_the_average_of_weights_is_their_plain_mean_until_the_decay_takes_over() -> None:
+    """Averaged with weights 1/2, 1/3, ... (the mean of every state so far: the random initial one is soon
+    outweighed) until that remembers more than the decay does; from then on, the decay."""
+    assert [averaging_decay(0.75, updates) for updates in range(5)] == pytest.approx(
+        [1 / 2, 2 / 3, 0.75, 0.75, 0.75]
+    )
+    states = torch.arange(4.0)  # the initial state, then one per update
+    average = states[0].clone()
+    for updates, state in enumerate(states[1:]):
+        average.lerp_(state, 1 - averaging_decay(0.99, updates))
+        assert average.item() == pytest.approx(states[: updates + 2].mean().item())

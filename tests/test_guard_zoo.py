@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY_DCGAN, compose_config, divergence_events, divergence_settings
+from helpers import PAPER_DCGAN, TINY_DCGAN, compose_config, divergence_events, divergence_settings
 
 from trainer.divergence.series import detect, read_record
 from trainer.errors import DivergedRun
@@ -60,6 +60,7 @@ def test_a_gan_at_a_learning_rate_far_too_high_collapses_and_is_reported(
     run_dir = tmp_path / "run"
     cfg = compose_config(
         *TINY_DCGAN,
+        *PAPER_DCGAN,
         *QUIET,
         f"task.lr={lr}",
         "task.beta1=0.9",

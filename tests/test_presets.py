@@ -1,6 +1,7 @@
 """The debug presets, the GPU switches on CPU, and the data sources other than the embedded digits."""
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -89,7 +90,7 @@ def test_hub_loader_through_the_datasets_library_offline(
     )
     metrics = train(cfg)
     assert "train/loss_d" in metrics
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["train/loss_g"]["final"] > 0
+    assert math.isfinite(json.loads((tmp_path / "run" / "metrics.json").read_text())["train/loss_g"]["final"])
 
 
 def test_hub_loader_names_a_missing_column(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,6 +9,7 @@ import lightning as L
 import pytest
 import torch
 from helpers import (
+    PAPER_DCGAN,
     TINY_DCGAN,
     assert_clean_failure,
     assert_same_training_state,
@@ -238,9 +239,9 @@ def best_file_of(run_dir: Path) -> str:
 def test_a_moved_run_dir_keeps_one_best_checkpoint_across_a_resume(tmp_path: Path) -> None:
     """Lightning drops the ranking of a checkpoint saved in another folder (as a run dir copied from a
     cluster's scratch is): the old best stayed beside the new one, and any next validation was "best"."""
-    fit(tmp_path / "first", "++trainer.max_epochs=2")
+    fit(tmp_path / "first", "++trainer.max_epochs=2", *PAPER_DCGAN)  # (its FID improves after epoch 0)
     shutil.move(tmp_path / "first", tmp_path / "moved")
-    fit(tmp_path / "moved", "++trainer.max_epochs=5")
+    fit(tmp_path / "moved", "++trainer.max_epochs=5", *PAPER_DCGAN)
     assert best_file_of(tmp_path / "moved") != "best-epoch000-step000008.ckpt", "no new best after the resume"
     assert best_checkpoints(tmp_path / "moved") == [best_file_of(tmp_path / "moved")]
 
@@ -248,9 +249,9 @@ def test_a_moved_run_dir_keeps_one_best_checkpoint_across_a_resume(tmp_path: Pat
 def test_a_run_resumed_from_its_best_checkpoint_keeps_one_best_checkpoint(tmp_path: Path) -> None:
     """Lightning never removes the checkpoint a run was resumed from: once a new best replaces it, it goes."""
     run = tmp_path / "run"
-    fit(run, "++trainer.max_epochs=2")
+    fit(run, "++trainer.max_epochs=2", *PAPER_DCGAN)  # (its FID improves after epoch 0)
     (first_best,) = best_checkpoints(run)
-    fit(run, "++trainer.max_epochs=5", f"ckpt_path={run / 'checkpoints' / first_best}")
+    fit(run, "++trainer.max_epochs=5", f"ckpt_path={run / 'checkpoints' / first_best}", *PAPER_DCGAN)
     assert best_file_of(run) != first_best, "no new best after the resume"
     assert best_checkpoints(run) == [best_file_of(run)]
 

@@ -13,7 +13,7 @@ diversity of the samples, whose fall is mode collapse.
 import copy
 import logging
 from collections.abc import Mapping
-from typing import ClassVar, NamedTuple
+from typing import ClassVar, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,8 @@ from trainer.reporting.image_grids import log_image_grid
 from trainer.tasks.base import GANReport, Task, ValidationReport
 
 log = logging.getLogger(__name__)
+
+Loss = Literal["bce", "hinge"]
 
 # The scores that need a classifier of the data's classes.
 CLASSIFIER_METRICS = ("val/fid", "val/inception_score")
@@ -73,6 +75,7 @@ class DCGAN(Task):
         num_samples: Positive = 64,
         ema_decay: FractionBelowOne = 0.0,  # samples from an average of the generator's weights (0: none)
         cache_dir: str = "~/.cache/trainer",  # where the classifier of the FID and IS is kept
+        loss: Loss = "bce",  # the paper's binary cross-entropy, or the hinge loss (Lim & Ye; Miyato et al.)
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["generator", "discriminator"])
@@ -88,6 +91,7 @@ class DCGAN(Task):
         self.register_buffer("sample_noise", noise)
         self.quality: ImageQuality | None = None  # set up with the data; None for data without classes
         self._val_items: dict[int, ValidationItem] = {}  # validation image index -> its item
+        self._ema_batchnorm_step = -1  # the step whose averaged weights the averaged BatchNorm fits
 
     def setup(self, stage: str) -> None:
         data = self.trainer.datamodule  # pyright: ignore[reportAttributeAccessIssue]  # set by Lightning
@@ -132,43 +136,36 @@ class DCGAN(Task):
         z = torch.randn(real.shape[0], self.latent_dim, device=self.device)
         fake = self.generator(z)
 
-        # 1. Discriminator: real images -> 1, generated images (detached, G is not trained here) -> 0.
+        # 1. Discriminator: real images -> "real", generated ones (detached: G is not trained here) -> "fake".
         d_real = self.discriminator(real)
         d_fake = self.discriminator(fake.detach())
-        loss_d = F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real)) + (
-            F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake))
-        )
+        loss_d = discriminator_loss(d_real, d_fake, self.hparams.loss)
         opt_d.zero_grad(set_to_none=True)
         self.manual_backward(loss_d)
         opt_d.step()
 
-        # 2. Generator, non-saturating loss: maximise log D(G(z)) rather than minimise log(1 - D(G(z))).
-        # `generator_steps` updates, each after the first on fresh noise, keep up with a fast discriminator.
+        # 2. Generator: make D call its images real. `generator_steps` updates, each after the first on fresh
+        # noise, keep up with a fast discriminator.
         for step in range(self.hparams.generator_steps):
             if step:
                 fake = self.generator(torch.randn_like(z))
-            d_fake_for_g = self.discriminator(fake)
-            loss_g = F.binary_cross_entropy_with_logits(d_fake_for_g, torch.ones_like(d_fake_for_g))
+            loss_g = generator_loss(self.discriminator(fake), self.hparams.loss)
             opt_g.zero_grad(set_to_none=True)
             self.manual_backward(loss_g)
             opt_g.step()
         if self.generator_ema is not None:
             self.update_generator_ema()
 
-        # For the divergence guard (trainer/tasks/base.py), and the loggers on logging steps.
-        self.report(
-            GANReport(
-                losses={"loss_d": loss_d, "loss_g": loss_g},
-                D_x=d_real.sigmoid().mean(),
-                D_G_z=d_fake.sigmoid().mean(),
-            )
-        )
+        # For the divergence guard (trainer/tasks/base.py), and the loggers on logging steps. The hinge
+        # generator loss, -D(G(z)), takes any sign: a signal, not a loss watched for multiplicative spikes.
+        losses = {"loss_d": loss_d, "loss_g": loss_g}
+        signed = {"loss_g": losses.pop("loss_g")} if self.hparams.loss == "hinge" else {}
+        self.report(GANReport(losses, signed, D_x=d_real.sigmoid().mean(), D_G_z=d_fake.sigmoid().mean()))
 
     @torch.no_grad()
     def update_generator_ema(self) -> None:
-        # Early on a shorter memory, so that the average forgets the random initial weights quickly.
         updates = self.global_step // (1 + self.hparams.generator_steps)  # the optimizer steps of a batch
-        decay = min(self.hparams.ema_decay, (1 + updates) / (10 + updates))
+        decay = averaging_decay(self.hparams.ema_decay, updates)
         assert self.generator_ema is not None  # (called only with ema_decay > 0)
         with whole_parameters(self.trainer, self.generator):
             for average, current in zip(self.generator_ema.parameters(), self.generator.parameters()):
@@ -179,8 +176,9 @@ class DCGAN(Task):
         """Measures the averaged generator's BatchNorm statistics on its own activations, from noise fixed
         by seed (the same on every rank): the live generator's statistics do not fit the averaged weights, and
         while the two differ they ruin its samples (precise BatchNorm, Wu & Johnson, 2021)."""
-        if self.generator_ema is None:
-            return
+        if self.generator_ema is None or self._ema_batchnorm_step == self.global_step:
+            return  # (validation and the sample grid both ask at the end of an epoch)
+        self._ema_batchnorm_step = self.global_step
         norms = [m for m in self.generator_ema.modules() if isinstance(m, nn.BatchNorm2d)]
         momenta = [m.momentum for m in norms]
         for norm in norms:
@@ -240,6 +238,29 @@ class DCGAN(Task):
         with torch.no_grad():
             log_image_grid(self.trainer, "samples", sampler(self.sample_noise))
         sampler.train(was_training)
+
+
+def averaging_decay(decay: float, updates: int) -> float:
+    """The plain mean of the weights so far, until that remembers more than `decay` does: the random initial
+    weights are soon outweighed, and even a short run averages at its `decay` soon after it starts."""
+    return min(decay, (1 + updates) / (2 + updates))
+
+
+def discriminator_loss(d_real: torch.Tensor, d_fake: torch.Tensor, loss: Loss) -> torch.Tensor:
+    """On D's logits. bce: real -> 1, fake -> 0. hinge: real logits above 1, fake below -1, and no pull
+    beyond those margins, so D stops pushing images it already separates."""
+    if loss == "hinge":
+        return F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()
+    real = F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real))
+    return real + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake))
+
+
+def generator_loss(d_fake: torch.Tensor, loss: Loss) -> torch.Tensor:
+    """bce: the non-saturating loss, maximise log D(G(z)) rather than minimise log(1 - D(G(z))). hinge: raise
+    D's logits of generated images."""
+    if loss == "hinge":
+        return -d_fake.mean()
+    return F.binary_cross_entropy_with_logits(d_fake, torch.ones_like(d_fake))
 
 
 def _pixel_features(images: torch.Tensor) -> torch.Tensor:
