@@ -144,10 +144,10 @@ def test_a_nan_on_one_rank_halts_every_rank_with_one_bundle_that_replays(tmp_pat
     assert content["batch_rank"] == 1 and torch.isnan(content["batch"][0]).all()  # the bad record's batch
     # The whole model and both optimizers' whole state, from before the bad update, by the model's names.
     weights = content["state_dict"]
-    assert weights["discriminator.net.0.weight"].ndim == 4  # the whole tensor, not a flat shard
+    assert weights["generator.net.0.weight"].ndim == 4  # the whole tensor, not a flat shard
     assert all(torch.isfinite(v).all() for v in weights.values())
     moments = [s["exp_avg"] for s in content["optimizer_states"][1]["state"].values()]
-    learned = ("weight", "bias")
+    learned = ("weight", "bias", "weight.original")  # (spectral norm keeps the learned weight as original)
     params = [w for k, w in weights.items() if k.startswith("discriminator.") and k.endswith(learned)]
     assert sorted(m.shape for m in moments) == sorted(w.shape for w in params)
     replayed = run_replay(bundle, home)

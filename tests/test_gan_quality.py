@@ -14,6 +14,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from trainer.data.images import DigitsDataModule
 from trainer.errors import UserError
 from trainer.metrics import image_quality
+from trainer.metrics.gradients import layer_name, layers_of
 from trainer.metrics.image_quality import ClassifierRecipe, ImageQuality, inception_score
 from trainer.models.dcgan import Discriminator, Generator
 from trainer.tasks.base import GANReport
@@ -326,3 +327,12 @@ def test_the_average_of_weights_is_their_plain_mean_until_the_decay_takes_over()
     for updates, state in enumerate(states[1:]):
         average.lerp_(state, 1 - averaging_decay(0.99, updates))
         assert average.item() == pytest.approx(states[: updates + 2].mean().item())
+
+
+def test_a_spectrally_normalised_layer_is_one_layer_to_the_guard_and_replay() -> None:
+    """Its weight lives in a parametrization submodule; the layer is still the convolution, by its name."""
+    discriminator = Discriminator(SIZE, 1, 8, norm="spectral")
+    convolutions = {name for name, m in discriminator.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    layers = layers_of(discriminator)
+    assert convolutions <= layers.keys() and not any("parametrizations" in name for name in layers)
+    assert {layer_name(name) for name, _ in discriminator.named_parameters()} == convolutions

@@ -20,6 +20,7 @@ RAY = ["launcher=ray", "launcher.num_workers=2"]
 SLOW_DCGAN = [
     "+exp=dcgan",
     "data.batch_size=32",
+    "task.generator_steps=1",  # two optimizer steps per batch: the step counts below
     "++trainer.limit_train_batches=6",
     "++trainer.limit_val_batches=1",
     "++trainer.max_epochs=6",

@@ -21,6 +21,7 @@ pytestmark = pytest.mark.slow  # every test here starts a cluster or runs end to
 SLOW_DCGAN = [
     "+exp=dcgan",
     "data.batch_size=32",
+    "task.generator_steps=1",  # two optimizer steps per batch: the step counts below
     "++trainer.limit_train_batches=6",
     "++trainer.limit_val_batches=1",
     "++trainer.max_epochs=8",

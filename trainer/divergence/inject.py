@@ -14,6 +14,7 @@ import torch
 
 from trainer.errors import UserError
 from trainer.lightning_internals import log_step
+from trainer.metrics.gradients import layers_of
 
 KINDS = ("nan_batch", "nan_weight", "huge_lr")
 
@@ -38,13 +39,15 @@ class FaultInjector(L.Callback):
         if self.kind == "nan_batch":
             first_float_tensor(batch)[0].fill_(float("nan"))
         elif self.kind == "nan_weight":
-            modules = dict(pl_module.named_modules())
-            if self.layer not in modules or not list(modules[self.layer].parameters(recurse=False)):
+            layer = layers_of(pl_module).get(self.layer or "")
+            # (its parameters: a parametrized layer's are the originals, as spectral norm keeps them)
+            weights = list(layer.parameters()) if layer is not None else []
+            if not weights:
                 raise UserError(
                     f"divergence.inject.layer={self.layer} is not a layer with weights of this model"
                 )
             with torch.no_grad():
-                next(modules[self.layer].parameters(recurse=False)).view(-1)[0] = float("nan")
+                weights[0].view(-1)[0] = float("nan")
         else:
             self._saved_lrs = [[g["lr"] for g in opt.param_groups] for opt in trainer.optimizers]
             for opt in trainer.optimizers:

@@ -28,7 +28,7 @@ from trainer.divergence.bundle import load_bundle
 from trainer.divergence.picture import draw_event
 from trainer.errors import UserError
 from trainer.metrics.gradients import grads as gradients
-from trainer.metrics.gradients import layer_name, layer_owners, params_by_layer, per_layer_norms
+from trainer.metrics.gradients import layer_name, layer_owners, layers_of, params_by_layer, per_layer_norms
 from trainer.reporting.console import setup_logging
 from trainer.tasks.base import step_report
 
@@ -56,9 +56,8 @@ class ReplayProbe(L.Callback):
                 group["lr"] = self.lr if self.lr is not None else group["lr"] * lr_factor
             if self.clip is not None:
                 optimizer.register_step_pre_hook(self._clip)
-        for name, module in pl_module.named_modules():
-            if name and not list(module.children()):
-                module.register_forward_hook(self._watch_output(name))
+        for name, module in layers_of(pl_module).items():
+            module.register_forward_hook(self._watch_output(name))
 
     def _clip(self, optimizer: torch.optim.Optimizer, *args: Any) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"]]

@@ -10,8 +10,22 @@ from trainer.distributed.fsdp import sum_over_shards
 
 
 def layer_name(param_name: str) -> str:
-    """'generator.net.3.weight' -> 'generator.net.3': a layer is the module that owns the parameters."""
-    return param_name.rpartition(".")[0] or param_name
+    """'generator.net.3.weight' -> 'generator.net.3': a layer is the module that owns the parameters, also
+    of a parametrized tensor (spectral norm: 'discriminator.net.0.parametrizations.weight.original')."""
+    module, parametrized, _ = param_name.partition(".parametrizations.")
+    return module if parametrized else param_name.rpartition(".")[0] or param_name
+
+
+def layers_of(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The model's layers by name: the modules without submodules but their parametrizations (spectral
+    norm's), whose own modules are not layers."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if name
+        and "parametrizations" not in name.split(".")
+        and all(child == "parametrizations" for child, _ in module.named_children())
+    }
 
 
 def params_by_layer(
